@@ -1,0 +1,131 @@
+//! The autoscale cache: a content-addressed blob store plus an action cache that maps an
+//! [`ActionKey`] to the [`Manifest`] of the outputs it produced.
+//!
+//! It knows nothing of pipelines: a caller hands it a key, a directory of outputs and an opaque
+//! JSON record, and gets back digests. Commits are crash-safe (blobs first, manifest last, each
+//! through a temp file and a rename), and a per-key [`KeyLock`] keeps two processes from
+//! producing the same entry at once.
+
+mod blob;
+mod digest;
+mod error;
+mod lock;
+mod maintenance;
+mod manifest;
+
+use std::path::{Path, PathBuf};
+
+pub use blob::hash_file;
+pub use digest::{ActionKey, ArtifactDigest, DigestParseError, tree_digest};
+pub use error::CacheError;
+pub use lock::{KeyLock, LockHolder};
+pub use maintenance::{ActionSummary, GcOptions, GcReport, VerifyProblem, VerifyReport};
+pub use manifest::{FileEntry, MANIFEST_SCHEMA, Manifest, PendingAction, StageTimings};
+
+/// The version of the on-disk layout; a new layout lives beside the old one, never over it.
+pub const LAYOUT_VERSION: &str = "v1";
+
+/// A cache rooted at a directory.
+///
+/// ```text
+/// <root>/v1/
+///   blobs/ab/abcdef…          file contents, named by blake3, read-only
+///   blobs/ab/abcdef….zst      the same, zstd-compressed where that pays (logs)
+///   actions/ab/<key>.json     manifest of a finished action, written last
+///   out/<key>/…               the action's output tree: read-only hardlinks into blobs/
+///   locks/ab/<key>.lock       per-key lock file (flock), holding its holder's pid and host
+///   tmp/<key>/                staging area of a running action, removed on commit
+///   scratch/<key>/            an action's resumable scratch space (checkpoints)
+///   refs/                     small indexes a caller keeps (for example the last key per stage)
+/// ```
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+    base: PathBuf,
+}
+
+impl Cache {
+    /// Opens (creating when needed) the cache at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, CacheError> {
+        let root = root.into();
+        let base = root.join(LAYOUT_VERSION);
+        for sub in ["blobs", "actions", "out", "locks", "tmp", "scratch", "refs"] {
+            let dir = base.join(sub);
+            std::fs::create_dir_all(&dir).map_err(|source| CacheError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(Self { root, base })
+    }
+
+    /// The directory the user named.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a caller may keep its own small index files.
+    pub fn refs_dir(&self) -> PathBuf {
+        self.base.join("refs")
+    }
+
+    /// The read-only output tree of a committed action.
+    pub fn output_dir(&self, key: &ActionKey) -> PathBuf {
+        self.base.join("out").join(key.to_hex())
+    }
+
+    /// Scratch space that survives a killed run of the same key (for checkpoints), and is
+    /// removed once the action commits.
+    pub fn scratch_dir(&self, key: &ActionKey) -> Result<PathBuf, CacheError> {
+        let dir = self.base.join("scratch").join(key.to_hex());
+        create_dir(&dir)?;
+        Ok(dir)
+    }
+
+    fn manifest_path(&self, key: &ActionKey) -> PathBuf {
+        let hex = key.to_hex();
+        self.base
+            .join("actions")
+            .join(&hex[..2])
+            .join(format!("{hex}.json"))
+    }
+
+    fn staging_dir(&self, key: &ActionKey) -> PathBuf {
+        self.base.join("tmp").join(key.to_hex())
+    }
+
+    fn tmp_file(&self, label: &str) -> PathBuf {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.base
+            .join("tmp")
+            .join(format!(".{label}.{}.{n}", std::process::id()))
+    }
+
+    /// Flushes everything written so far to stable storage with one `syncfs`, so that a batch
+    /// of blobs costs one flush instead of one `fsync` each.
+    pub fn sync(&self) -> Result<(), CacheError> {
+        let dir = std::fs::File::open(&self.base).map_err(|source| CacheError::Io {
+            path: self.base.clone(),
+            source,
+        })?;
+        rustix::fs::syncfs(&dir).map_err(|e| CacheError::Io {
+            path: self.base.clone(),
+            source: e.into(),
+        })
+    }
+}
+
+pub(crate) fn create_dir(dir: &Path) -> Result<(), CacheError> {
+    std::fs::create_dir_all(dir).map_err(|source| CacheError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}

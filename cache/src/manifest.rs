@@ -1,0 +1,388 @@
+//! The action cache: manifests of finished actions, and the two-step commit that writes them.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ActionKey, ArtifactDigest, Cache, CacheError, KeyLock, create_dir, io_err, tree_digest};
+
+/// The manifest format this build reads and writes.
+pub const MANIFEST_SCHEMA: u32 = 1;
+
+/// A manifest read within this long of its last use is not touched again (keeps no-op runs
+/// free of writes while still giving `gc` a least-recently-used order).
+const TOUCH_AFTER: Duration = Duration::from_secs(3600);
+
+/// One file of an action's output tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative to the output directory, `/`-separated.
+    pub path: String,
+    pub digest: ArtifactDigest,
+    pub size: u64,
+    #[serde(default)]
+    pub executable: bool,
+}
+
+/// When the action ran and for how long.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageTimings {
+    pub started_unix_ms: u64,
+    pub duration_ms: u64,
+}
+
+/// What the action cache stores for a key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: u32,
+    pub key: ActionKey,
+    /// The digest of the whole output tree.
+    pub tree: ArtifactDigest,
+    pub files: Vec<FileEntry>,
+    /// The action's combined stdout and stderr.
+    pub log: Option<ArtifactDigest>,
+    /// The caller's key record: what was hashed into `key`, kept so a rerun can be explained.
+    pub record: serde_json::Value,
+    /// Whatever else the caller wants to keep (stage id, pipeline, metrics).
+    pub metadata: serde_json::Value,
+    pub timings: StageTimings,
+}
+
+impl Manifest {
+    /// The digest of an output path: `""` is the whole tree, a file gives its content digest,
+    /// a directory the digest of the subtree under it.
+    pub fn digest_of(&self, path: &str) -> Option<ArtifactDigest> {
+        let path = path.trim_matches('/');
+        if path.is_empty() {
+            return Some(self.tree);
+        }
+        if let Some(file) = self.files.iter().find(|f| f.path == path) {
+            return Some(file.digest);
+        }
+        let prefix = format!("{path}/");
+        let sub: Vec<_> = self
+            .files
+            .iter()
+            .filter_map(|f| {
+                f.path
+                    .strip_prefix(&prefix)
+                    .map(|rel| (rel, &f.digest, f.executable))
+            })
+            .collect();
+        (!sub.is_empty()).then(|| tree_digest(sub))
+    }
+
+    pub fn total_size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// An action whose blobs are in the store but whose manifest is not yet written. It holds the
+/// key's lock until [`Cache::commit`] writes the manifest.
+#[derive(Debug)]
+pub struct PendingAction {
+    pub manifest: Manifest,
+    lock: KeyLock,
+}
+
+impl Cache {
+    /// Looks a key up. A missing entry is `Ok(None)`; a manifest of an unknown schema is an
+    /// error, never silently reused.
+    pub fn lookup(&self, key: &ActionKey) -> Result<Option<Manifest>, CacheError> {
+        let path = self.manifest_path(key);
+        let mut file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io_err(&path))?;
+        let manifest = parse_manifest(&path, &bytes)?;
+        if let Ok(modified) = file.metadata().and_then(|m| m.modified())
+            && modified.elapsed().is_ok_and(|age| age > TOUCH_AFTER)
+            && let Ok(f) = fs::File::options().append(true).open(&path)
+        {
+            // Best effort: a read-only cache still serves hits.
+            let _ = f.set_modified(SystemTime::now());
+        }
+        Ok(Some(manifest))
+    }
+
+    /// Makes sure a committed action's output tree is on disk, rebuilding it from blobs when it
+    /// was removed, and returns its path.
+    pub fn materialize(&self, manifest: &Manifest) -> Result<PathBuf, CacheError> {
+        let dir = self.output_dir(&manifest.key);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let staging = self.tmp_file("materialize");
+        for file in &manifest.files {
+            let target = staging.join(&file.path);
+            create_dir(target.parent().unwrap_or(&staging))?;
+            self.link_blob(&file.digest, &target)?;
+        }
+        create_dir(&staging)?;
+        match fs::rename(&staging, &dir) {
+            Ok(()) => Ok(dir),
+            // Someone else materialized it first.
+            Err(_) if dir.is_dir() => {
+                let _ = fs::remove_dir_all(&staging);
+                Ok(dir)
+            }
+            Err(e) => Err(io_err(&dir)(e)),
+        }
+    }
+
+    fn link_blob(&self, digest: &ArtifactDigest, target: &Path) -> Result<(), CacheError> {
+        let raw = self.blob_path(digest);
+        if fs::hard_link(&raw, target).is_ok() {
+            return Ok(());
+        }
+        if raw.exists() {
+            fs::copy(&raw, target).map_err(io_err(target))?;
+        } else {
+            let bytes = self.read_blob(digest)?;
+            fs::write(target, bytes).map_err(io_err(target))?;
+        }
+        let mut perms = fs::metadata(target).map_err(io_err(target))?.permissions();
+        perms.set_mode(perms.mode() & 0o555);
+        fs::set_permissions(target, perms).map_err(io_err(target))
+    }
+
+    /// A fresh, empty staging directory for a key whose lock the caller holds. Whatever a
+    /// killed holder left there is removed first.
+    pub fn staging(&self, _lock: &KeyLock) -> Result<PathBuf, CacheError> {
+        let dir = self.staging_dir(_lock.key());
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        create_dir(&dir.join("out"))?;
+        Ok(dir)
+    }
+
+    /// Moves a finished action's outputs (`<staging>/out`) into the store and lays out its
+    /// read-only output tree. The manifest is not written yet: see [`Cache::commit`].
+    pub fn ingest(
+        &self,
+        lock: KeyLock,
+        log: &[u8],
+        record: serde_json::Value,
+        metadata: serde_json::Value,
+        timings: StageTimings,
+    ) -> Result<PendingAction, CacheError> {
+        let key = *lock.key();
+        let staging = self.staging_dir(&key);
+        let out = staging.join("out");
+        let tree = staging.join("tree");
+        create_dir(&tree)?;
+        let mut files = Vec::new();
+        collect_files(&out, &out, &mut files)?;
+        files.sort();
+        let mut entries = Vec::with_capacity(files.len());
+        for (rel, path) in files {
+            let meta = fs::metadata(&path).map_err(io_err(&path))?;
+            let executable = meta.permissions().mode() & 0o111 != 0;
+            let digest = self.adopt_file(&path)?;
+            let target = tree.join(&rel);
+            if let Some(parent) = target.parent() {
+                create_dir(parent)?;
+            }
+            self.link_blob(&digest, &target)?;
+            entries.push(FileEntry {
+                path: rel,
+                digest,
+                size: meta.len(),
+                executable,
+            });
+        }
+        let tree_digest = tree_digest(entries.iter().map(|e| (e.path.as_str(), &e.digest, e.executable)));
+        let log = if log.is_empty() {
+            None
+        } else {
+            Some(self.put_bytes(log)?)
+        };
+        let dir = self.output_dir(&key);
+        if dir.exists() {
+            // Left by a run that was killed before its manifest was written.
+            fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        fs::rename(&tree, &dir).map_err(io_err(&dir))?;
+        Ok(PendingAction {
+            manifest: Manifest {
+                schema: MANIFEST_SCHEMA,
+                key,
+                tree: tree_digest,
+                files: entries,
+                log,
+                record,
+                metadata,
+                timings,
+            },
+            lock,
+        })
+    }
+
+    /// Commits a batch: one flush makes every blob durable, then each manifest is written
+    /// (temp file, rename), and only then are the keys unlocked and the staging removed.
+    pub fn commit(&self, batch: Vec<PendingAction>) -> Result<Vec<Manifest>, CacheError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.sync()?;
+        let mut done = Vec::with_capacity(batch.len());
+        for pending in batch {
+            let path = self.manifest_path(&pending.manifest.key);
+            create_dir(path.parent().unwrap_or(&self.base))?;
+            let bytes = serde_json::to_vec(&pending.manifest).map_err(|source| CacheError::BadManifest {
+                path: path.clone(),
+                source,
+            })?;
+            let tmp = self.tmp_file("manifest");
+            let mut file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+            file.write_all(&bytes).map_err(io_err(&tmp))?;
+            drop(file);
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+            let key = pending.manifest.key;
+            let staging = self.staging_dir(&key);
+            let _ = fs::remove_dir_all(&staging);
+            let _ = fs::remove_dir_all(self.base.join("scratch").join(key.to_hex()));
+            drop(pending.lock);
+            done.push(pending.manifest);
+        }
+        Ok(done)
+    }
+
+    /// Drops a failed action's staging; failures are never cached.
+    pub fn abandon(&self, lock: KeyLock) {
+        let _ = fs::remove_dir_all(self.staging_dir(lock.key()));
+    }
+}
+
+pub(crate) fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, CacheError> {
+    #[derive(Deserialize)]
+    struct Head {
+        schema: u32,
+    }
+    let head: Head = serde_json::from_slice(bytes).map_err(|source| CacheError::BadManifest {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if head.schema != MANIFEST_SCHEMA {
+        return Err(CacheError::SchemaVersion {
+            path: path.to_path_buf(),
+            found: head.schema,
+            expected: MANIFEST_SCHEMA,
+        });
+    }
+    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|source| CacheError::BadManifest {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    for file in &manifest.files {
+        let p = Path::new(&file.path);
+        if p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(CacheError::BadOutputPath(p.to_path_buf()));
+        }
+    }
+    Ok(manifest)
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), CacheError> {
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let path = entry.path();
+        let kind = entry.file_type().map_err(io_err(&path))?;
+        if kind.is_dir() {
+            collect_files(root, &path, out)?;
+        } else if kind.is_file() {
+            let rel = path
+                .strip_prefix(root)
+                .ok()
+                .and_then(|p| p.to_str())
+                .ok_or_else(|| CacheError::BadOutputPath(path.clone()))?
+                .to_string();
+            out.push((rel, path));
+        } else {
+            return Err(CacheError::UnsupportedFileType {
+                path,
+                what: if kind.is_symlink() { "symbolic link" } else { "special file" },
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> ActionKey {
+        ActionKey::from(blake3::hash(&[n]))
+    }
+
+    #[test]
+    fn ingest_then_commit_makes_a_hit_with_read_only_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let k = key(1);
+        assert!(cache.lookup(&k).unwrap().is_none());
+        let lock = cache.lock(&k, "test").unwrap();
+        let staging = cache.staging(&lock).unwrap();
+        fs::create_dir_all(staging.join("out/sub")).unwrap();
+        fs::write(staging.join("out/a.txt"), "a").unwrap();
+        fs::write(staging.join("out/sub/b.txt"), "b").unwrap();
+        let pending = cache
+            .ingest(lock, b"log", serde_json::json!({"p": 1}), serde_json::json!({}), StageTimings::default())
+            .unwrap();
+        assert!(cache.lookup(&k).unwrap().is_none(), "nothing is cached before commit");
+        let committed = cache.commit(vec![pending]).unwrap();
+        let hit = cache.lookup(&k).unwrap().unwrap();
+        assert_eq!(hit, committed[0]);
+        assert_eq!(hit.files.len(), 2);
+        assert!(hit.digest_of("sub").is_some());
+        assert_eq!(hit.digest_of("a.txt").unwrap(), ArtifactDigest::from(blake3::hash(b"a")));
+        let out = cache.materialize(&hit).unwrap();
+        assert_eq!(fs::read_to_string(out.join("sub/b.txt")).unwrap(), "b");
+        let mode = fs::metadata(out.join("a.txt")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o222, 0, "outputs are read-only");
+        assert_eq!(cache.read_blob(&hit.log.unwrap()).unwrap(), b"log");
+    }
+
+    #[test]
+    fn materialize_rebuilds_a_removed_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let lock = cache.lock(&key(2), "test").unwrap();
+        let staging = cache.staging(&lock).unwrap();
+        fs::write(staging.join("out/x"), "x").unwrap();
+        let pending = cache
+            .ingest(lock, b"", serde_json::Value::Null, serde_json::Value::Null, StageTimings::default())
+            .unwrap();
+        let manifest = cache.commit(vec![pending]).unwrap().remove(0);
+        fs::remove_dir_all(cache.output_dir(&manifest.key)).unwrap();
+        let out = cache.materialize(&manifest).unwrap();
+        assert_eq!(fs::read_to_string(out.join("x")).unwrap(), "x");
+    }
+
+    #[test]
+    fn unknown_schema_and_traversal_are_rejected() {
+        let p = Path::new("m.json");
+        let k = key(3);
+        let bad_schema = format!(r#"{{"schema": 99, "key": "{k}"}}"#);
+        assert!(matches!(parse_manifest(p, bad_schema.as_bytes()), Err(CacheError::SchemaVersion { found: 99, .. })));
+        let d = ArtifactDigest::from(blake3::hash(b""));
+        let traversal = serde_json::json!({
+            "schema": 1, "key": k, "tree": d, "log": null, "record": null, "metadata": null,
+            "timings": {"started_unix_ms": 0, "duration_ms": 0},
+            "files": [{"path": "../../etc/passwd", "digest": d, "size": 0}]
+        });
+        assert!(matches!(
+            parse_manifest(p, traversal.to_string().as_bytes()),
+            Err(CacheError::BadOutputPath(_))
+        ));
+    }
+}
