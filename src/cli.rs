@@ -1,0 +1,132 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Run declarative ML data pipelines as a DAG of cached stages.
+#[derive(Debug, Parser)]
+#[command(name = "autoscale", version, about, long_about = None)]
+pub struct Cli {
+    /// The cache directory [default: $XDG_CACHE_HOME/autoscale or ~/.cache/autoscale].
+    #[arg(long, global = true, env = "AUTOSCALE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Print one JSON object per line instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More logging (-v: info, -vv: debug); also lists cached stages in `run`.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every stage whose result is not cached.
+    Run(RunArgs),
+    /// Show every stage, cached or going to run, and why.
+    Status(PipelineArgs),
+    /// Show a stage's key record and its difference from the stage's last cached run.
+    Explain(StageArgs),
+    /// Show a cached stage's output paths and metadata.
+    Show(StageArgs),
+    /// Print the pipeline's DAG (Graphviz DOT, or Mermaid).
+    Dag(DagArgs),
+    /// List the stage kinds and their params.
+    Kinds,
+    /// Inspect and clean the cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// The pipeline YAML file.
+    pub file: PathBuf,
+    /// Override a param: `name=value` (pipeline param) or `stage.name=value` (stage param).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Layer a YAML file of overrides (`params:` and `stages: {id: {params: ...}}`) on top.
+    #[arg(long = "with", value_name = "FILE")]
+    pub with: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// CPU slots: at most this many single-CPU stages at once [default: the number of cores].
+    #[arg(long, short)]
+    pub jobs: Option<usize>,
+    /// CUDA devices to hand out, one stage per device: `0,1,3`, `none` or `auto`.
+    #[arg(long)]
+    pub gpus: Option<String>,
+    /// Go on with independent stages after a failure.
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Show what would run, and why, without running it.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StageArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// The stage id (a fanned-out stage: `train[uniform]`).
+    pub stage: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DagFormat {
+    Dot,
+    Mermaid,
+}
+
+#[derive(Debug, Args)]
+pub struct DagArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    #[arg(long, value_enum, default_value_t = DagFormat::Dot)]
+    pub format: DagFormat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List cached stage results, most recently used first.
+    Ls,
+    /// Re-hash every blob and check every output tree.
+    Verify,
+    /// Remove what the given pipelines do not reference, and cap the size.
+    Gc(GcArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Keep only what these pipelines reference now (none given: keep every result).
+    pub pipelines: Vec<PathBuf>,
+    /// Then drop least-recently-used results until the cache fits, e.g. `20GiB`.
+    #[arg(long)]
+    pub max_size: Option<String>,
+    /// Say what would go, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `500MiB`, `20GiB`, `1000` (bytes).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" | "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some((num * factor) as u64)
+}
