@@ -1,0 +1,30 @@
+//! AutoScale mixture math (Kang et al., "AutoScale: Automatic Prediction of Compute-optimal
+//! Data Compositions for Training LLMs", arXiv 2407.20177), usable without any training on
+//! results users bring from their own trainers:
+//!
+//! - [`ddo`]: Direct Data Optimization at one scale — the proxy-run [`plan`], the CSV of
+//!   results, per-domain fits of `(x + a)^(-b) + c` and the exact KKT solve for the weights;
+//! - [`predict`]: the AutoScale extrapolation of optimal compositions to larger scales;
+//! - [`baselines`]: uniform, natural, LLaMA/RedPajama, UniMax, temperature and explicit weights.
+//!
+//! Nothing here prints: results are serde values, with `render_table` methods for humans.
+
+pub mod baselines;
+mod ddo;
+mod error;
+mod fit;
+mod predict;
+mod table;
+mod types;
+
+pub use ddo::{
+    CurvePoint, DdoOptions, DdoReport, DdoRuns, DomainResult, MultiplierSolution, Objective,
+    PerturbedRun, PlanOptions, PlannedRun, ddo, ddo_from_csv, ddo_from_csv_path, parse_ddo_csv,
+    plan, render_plan_table, solve_multipliers,
+};
+pub use error::MixError;
+pub use fit::{CurveFit, PowerCurve, fit_power_curve};
+pub use predict::{
+    FittedScale, PredictedDomain, Prediction, ScaleComposition, Target, parse_scale_spec, predict,
+};
+pub use types::{MixtureWeights, TokenQuantities};
