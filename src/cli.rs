@@ -38,6 +38,8 @@ pub enum Command {
     /// Inspect and clean the cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Mixture math (DDO, the AutoScale predictor, baselines) on results from any trainer.
+    Mix(crate::mix::MixArgs),
 }
 
 #[derive(Debug, Args)]

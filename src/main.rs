@@ -2,6 +2,7 @@
 //! It is the only place that prints.
 
 mod cli;
+mod mix;
 mod render;
 
 use std::path::PathBuf;
@@ -148,6 +149,7 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::OK)
         }
         Command::Cache(cmd) => cache_command(cmd, cli.cache_dir, json),
+        Command::Mix(args) => mix::run(args, json),
     }
 }
 
