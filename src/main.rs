@@ -135,7 +135,7 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Dag(args) => {
             let engine = open_engine(cli.cache_dir)?;
-            let pipeline = load(&engine, &args.pipeline)?;
+            let pipeline = engine.expanded(&load(&engine, &args.pipeline)?).map_err(Failure::engine)?;
             let text = match args.format {
                 DagFormat::Dot => autoscale_engine::graph::to_dot(&pipeline),
                 DagFormat::Mermaid => autoscale_engine::graph::to_mermaid(&pipeline),

@@ -1,7 +1,7 @@
 //! Planning and running: stage keys against the cache, `status` with reasons, and the scheduler
 //! that runs ready stages in parallel within CPU, GPU and memory limits.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +18,7 @@ use crate::files::FileHasher;
 use crate::graph::topological_order;
 use crate::key::{CACHE_SCHEMA, KeyRecord, group_digest};
 use crate::kind::{InputPath, KindRegistry, StageContext, StageError};
-use crate::pipeline::{InputRef, Overrides, Pipeline};
+use crate::pipeline::{FANOUT_FILE, FanoutChild, FanoutList, InputRef, Overrides, Pipeline};
 
 /// The engine: a cache, the known stage kinds, and the workspace file memo.
 pub struct Engine {
@@ -229,13 +229,29 @@ impl Engine {
         Ok(if changes.is_empty() { vec!["not in the cache".into()] } else { changes })
     }
 
-    /// Every stage, cached or going to run, and why.
+    /// The pipeline with every run-time fan-out expanded whose source is cached.
+    pub fn expanded(&self, pipeline: &Pipeline) -> Result<Pipeline, EngineError> {
+        let mut p = pipeline.clone();
+        self.expand_cached_fanouts(&mut p)?;
+        Ok(p)
+    }
+
+    /// Every stage of `expanded(pipeline)`, cached or going to run, and why.
     pub fn status(&self, pipeline: &Pipeline) -> Result<Vec<StageStatus>, EngineError> {
+        let p = self.expanded(pipeline)?;
+        self.status_once(&p)
+    }
+
+    fn status_once(&self, pipeline: &Pipeline) -> Result<Vec<StageStatus>, EngineError> {
         let refs = self.read_refs(pipeline);
         let mut manifests: Vec<Option<Manifest>> = vec![None; pipeline.stages.len()];
         let mut states: Vec<Option<StageState>> = vec![None; pipeline.stages.len()];
         for i in topological_order(pipeline) {
             let stage = &pipeline.stages[i];
+            if let Some(source) = &stage.fanout_from {
+                states[i] = Some(StageState::Waiting { on: source.clone() });
+                continue;
+            }
             let state = match self.record(pipeline, i, &|j| manifests[j].clone())? {
                 Err(up) => StageState::Waiting { on: pipeline.stages[up].id.clone() },
                 Ok(record) => {
@@ -266,8 +282,9 @@ impl Engine {
 
     /// The key record of one stage and how it differs from the stage's last cached run.
     pub fn explain(&self, pipeline: &Pipeline, id: &str) -> Result<Explanation, EngineError> {
+        let pipeline = &self.expanded(pipeline)?;
         let i = pipeline.position(id).ok_or_else(|| EngineError::UnknownStage { id: id.into(), hint: pipeline.suggest_stage(id) })?;
-        let status = self.status(pipeline)?;
+        let status = self.status_once(pipeline)?;
         let refs = self.read_refs(pipeline);
         let previous_key = refs.get(id).copied();
         let previous_record = match &previous_key {
@@ -307,8 +324,9 @@ impl Engine {
 
     /// The committed manifest of a stage, when its current key is cached.
     pub fn cached_manifest(&self, pipeline: &Pipeline, id: &str) -> Result<Result<Manifest, StageState>, EngineError> {
+        let pipeline = &self.expanded(pipeline)?;
         let i = pipeline.position(id).ok_or_else(|| EngineError::UnknownStage { id: id.into(), hint: pipeline.suggest_stage(id) })?;
-        let status = self.status(pipeline)?;
+        let status = self.status_once(pipeline)?;
         match &status[i].state {
             StageState::Cached { key } => match self.cache.lookup(key)? {
                 Some(m) => {
@@ -333,16 +351,98 @@ impl Engine {
             .collect())
     }
 
-    /// Runs every stage that is not cached, in parallel within the resource limits.
+    /// Runs every stage that is not cached, in parallel within the resource limits. Run-time
+    /// fan-outs expand as soon as the stage they name has run, and the run goes on with them.
     pub fn run(&self, pipeline: &Pipeline, options: &RunOptions, on_event: &(dyn Fn(Event) + Sync)) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
         let devices = options.gpus.resolve();
-        let jobs = options.jobs.max(1);
         let total_memory_mb = system_memory_mb();
         self.check_resources(pipeline, &devices, total_memory_mb, on_event)?;
         on_event(Event::Plan { pipeline: pipeline.name.clone(), stages: pipeline.stages.len() });
+        let refs_before = self.read_refs(pipeline);
+        let mut pipeline = pipeline.clone();
+        let mut report = Report { seen: HashSet::new(), summary: RunSummary::default(), on_event };
+        let mut done;
+        loop {
+            let pass = self.run_pass(&pipeline, options, &devices, total_memory_mb, &mut report)?;
+            done = pass.done;
+            if pass.stopped {
+                break;
+            }
+            let mut expanded = false;
+            for (placeholder, source) in pipeline.fanout_placeholders() {
+                let Some(manifest) = &done[source] else { continue };
+                let id = pipeline.stages[placeholder].id.clone();
+                match self.read_fanout(&pipeline, placeholder, manifest).and_then(|children| {
+                    pipeline.expand_fanout(placeholder, &children).map_err(|m| fanout_error(&pipeline.stages[source].id, &id, m))
+                }) {
+                    Ok(()) => expanded = true,
+                    Err(e) => {
+                        report.finish(&id, Outcome::Failed, None, 0, Some(error_text(&e)), None);
+                    }
+                }
+                // Indices moved; expand the others in the next pass.
+                break;
+            }
+            if !expanded || report.summary.interrupted {
+                break;
+            }
+        }
+        // Whatever never ran was skipped (a failure without --keep-going, or Ctrl-C).
+        for stage in &pipeline.stages {
+            report.finish(&stage.id, Outcome::Skipped, None, 0, None, None);
+        }
+        let mut refs = refs_before.clone();
+        for (i, m) in done.iter().enumerate() {
+            if let Some(m) = m {
+                refs.insert(pipeline.stages[i].id.clone(), m.key);
+            }
+        }
+        if refs != refs_before {
+            self.write_refs(&pipeline, &refs);
+        }
+        self.files.save();
+        let mut summary = report.summary;
+        summary.duration_ms = started.elapsed().as_millis() as u64;
+        Ok(summary)
+    }
 
+    /// The children a run-time fan-out source listed in its `fanout.json`.
+    fn read_fanout(&self, pipeline: &Pipeline, placeholder: usize, manifest: &Manifest) -> Result<Vec<FanoutChild>, EngineError> {
+        let source = pipeline.stages[placeholder].fanout_from.clone().unwrap_or_default();
+        let id = &pipeline.stages[placeholder].id;
+        let path = self.cache.materialize(manifest)?.join(FANOUT_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| fanout_error(&source, id, format!("cannot read `{}`: {e}", path.display())))?;
+        let list: FanoutList = serde_json::from_slice(&bytes).map_err(|e| fanout_error(&source, id, format!("`{}` is not a fan-out list: {e}", path.display())))?;
+        Ok(list.children)
+    }
+
+    /// Expands every run-time fan-out whose source is cached, for `status` and `dag`.
+    pub fn expand_cached_fanouts(&self, pipeline: &mut Pipeline) -> Result<(), EngineError> {
+        loop {
+            let mut expanded = false;
+            let status = self.status_once(pipeline)?;
+            for (placeholder, source) in pipeline.fanout_placeholders() {
+                let StageState::Cached { key } = &status[source].state else { continue };
+                let Some(manifest) = self.cache.lookup(key)? else { continue };
+                let children = self.read_fanout(pipeline, placeholder, &manifest)?;
+                let source_id = pipeline.stages[source].id.clone();
+                let id = pipeline.stages[placeholder].id.clone();
+                pipeline.expand_fanout(placeholder, &children).map_err(|m| fanout_error(&source_id, &id, m))?;
+                expanded = true;
+                break;
+            }
+            if !expanded {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One scheduling pass: runs what can run until nothing more can start. Fan-out
+    /// placeholders, and what reads them, wait for the next pass.
+    fn run_pass(&self, pipeline: &Pipeline, options: &RunOptions, devices: &[u32], total_memory_mb: u64, report: &mut Report<'_>) -> Result<Pass, EngineError> {
         let n = pipeline.stages.len();
+        let jobs = options.jobs.max(1);
         let order = topological_order(pipeline);
         let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
         let mut waiting_on: Vec<usize> = vec![0; n];
@@ -355,12 +455,10 @@ impl Engine {
         }
         let mut slots: Vec<Slot> = vec![Slot::Blocked; n];
         let mut attempts: Vec<u32> = vec![0; n];
-        let mut summary = RunSummary::default();
-        let refs_before = self.read_refs(pipeline);
         let mut ready: VecDeque<usize> = VecDeque::new();
         let mut resolve: VecDeque<usize> = order.iter().copied().filter(|&i| waiting_on[i] == 0).collect();
         let mut free_cpus = jobs;
-        let mut free_gpus: Vec<u32> = devices.clone();
+        let mut free_gpus: Vec<u32> = devices.to_vec();
         let mut free_memory = total_memory_mb;
         let mut held: HashMap<usize, (usize, Vec<u32>, u64)> = HashMap::new();
         let mut uncommitted = 0usize;
@@ -376,7 +474,7 @@ impl Engine {
             loop {
                 // Resolve keys of stages whose inputs are all known; cached ones finish at once.
                 while let Some(i) = resolve.pop_front() {
-                    if !matches!(slots[i], Slot::Blocked) {
+                    if !matches!(slots[i], Slot::Blocked) || pipeline.stages[i].fanout_from.is_some() {
                         continue;
                     }
                     let record = match self.record(pipeline, i, &|j| match &slots[j] {
@@ -387,9 +485,8 @@ impl Engine {
                         Ok(Err(_)) => continue,
                         Err(e) => {
                             slots[i] = Slot::Failed;
-                            summary.failed += 1;
-                            on_event(finished(&pipeline.stages[i].id, Outcome::Failed, None, 0, Some(error_text(&e)), None));
-                            self.skip_dependents(pipeline, i, &dependents, &mut slots, &mut summary, on_event);
+                            report.finish(&pipeline.stages[i].id, Outcome::Failed, None, 0, Some(error_text(&e)), None);
+                            skip_dependents(pipeline, i, &dependents, &mut slots, report);
                             stop_launching |= !options.keep_going;
                             continue;
                         }
@@ -397,8 +494,7 @@ impl Engine {
                     let key = record.key();
                     match self.cache.lookup(&key)? {
                         Some(m) => {
-                            summary.cached += 1;
-                            on_event(finished(&pipeline.stages[i].id, Outcome::Cached, Some(key), 0, None, None));
+                            report.finish(&pipeline.stages[i].id, Outcome::Cached, Some(key), 0, None, None);
                             slots[i] = Slot::Done(m);
                             for &d in &dependents[i] {
                                 waiting_on[d] -= 1;
@@ -415,7 +511,7 @@ impl Engine {
                 }
                 if options.cancel.load(Ordering::Relaxed) {
                     stop_launching = true;
-                    summary.interrupted = true;
+                    report.summary.interrupted = true;
                 }
                 // Launch what fits.
                 if !stop_launching {
@@ -438,23 +534,20 @@ impl Engine {
                         let stage = &pipeline.stages[i];
                         let device_list = if res.gpus > 0 && !devices.is_empty() { Some(granted) } else { None };
                         if res.gpus > 0 && devices.is_empty() {
-                            on_event(Event::Warning { stage: Some(stage.id.clone()), message: format!("no GPU available: running `{}` on the CPU", stage.id) });
+                            (report.on_event)(Event::Warning { stage: Some(stage.id.clone()), message: format!("no GPU available: running `{}` on the CPU", stage.id) });
                         }
-                        on_event(Event::Started { stage: stage.id.clone(), kind: stage.kind.clone(), attempt: attempts[i], devices: device_list.clone() });
+                        (report.on_event)(Event::Started { stage: stage.id.clone(), kind: stage.kind.clone(), attempt: attempts[i], devices: device_list.clone() });
                         let tx = tx.clone();
                         let commit_tx = commit_tx.clone();
                         let inputs = self.input_paths(pipeline, i, &slots)?;
                         let cancel = &options.cancel;
-                        scope.spawn(move || {
-                            let msg = self.execute(pipeline, i, record, inputs, device_list, cancel, &tx);
-                            match msg {
-                                Ok((manifest, pending)) => {
-                                    let _ = tx.send(Msg::Ran(i, manifest));
-                                    let _ = commit_tx.send((i, pending));
-                                }
-                                Err(msg) => {
-                                    let _ = tx.send(msg);
-                                }
+                        scope.spawn(move || match self.execute(pipeline, i, record, inputs, device_list, cancel, &tx) {
+                            Ok((manifest, pending)) => {
+                                let _ = tx.send(Msg::Ran(i, manifest));
+                                let _ = commit_tx.send((i, pending));
+                            }
+                            Err(msg) => {
+                                let _ = tx.send(msg);
                             }
                         });
                     }
@@ -469,13 +562,12 @@ impl Engine {
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 };
                 match msg {
-                    Msg::Waiting(i, holder) => on_event(Event::Waiting { stage: pipeline.stages[i].id.clone(), holder }),
-                    Msg::Progress(i, data) => on_event(Event::Progress { stage: pipeline.stages[i].id.clone(), data }),
+                    Msg::Waiting(i, holder) => (report.on_event)(Event::Waiting { stage: pipeline.stages[i].id.clone(), holder }),
+                    Msg::Progress(i, data) => (report.on_event)(Event::Progress { stage: pipeline.stages[i].id.clone(), data }),
                     Msg::Ran(i, manifest) => {
                         release(&mut held, i, &mut free_cpus, &mut free_gpus, &mut free_memory);
                         uncommitted += 1;
-                        summary.executed += 1;
-                        on_event(finished(&pipeline.stages[i].id, Outcome::Executed, Some(manifest.key), manifest.timings.duration_ms, None, None));
+                        report.finish(&pipeline.stages[i].id, Outcome::Executed, Some(manifest.key), manifest.timings.duration_ms, None, None);
                         slots[i] = Slot::Done(manifest);
                         for &d in &dependents[i] {
                             waiting_on[d] -= 1;
@@ -486,8 +578,7 @@ impl Engine {
                     }
                     Msg::FoundCached(i, manifest) => {
                         release(&mut held, i, &mut free_cpus, &mut free_gpus, &mut free_memory);
-                        summary.cached += 1;
-                        on_event(finished(&pipeline.stages[i].id, Outcome::Cached, Some(manifest.key), 0, None, None));
+                        report.finish(&pipeline.stages[i].id, Outcome::Cached, Some(manifest.key), 0, None, None);
                         slots[i] = Slot::Done(manifest);
                         for &d in &dependents[i] {
                             waiting_on[d] -= 1;
@@ -506,7 +597,7 @@ impl Engine {
                         let stage = &pipeline.stages[i];
                         let cancelled = options.cancel.load(Ordering::Relaxed);
                         if !cancelled && attempts[i] <= stage.retries {
-                            on_event(Event::Warning { stage: Some(stage.id.clone()), message: format!("attempt {} failed ({error}); retrying", attempts[i]) });
+                            (report.on_event)(Event::Warning { stage: Some(stage.id.clone()), message: format!("attempt {} failed ({error}); retrying", attempts[i]) });
                             if let Ok(Ok(record)) = self.record(pipeline, i, &|j| match &slots[j] {
                                 Slot::Done(m) => Some(m.clone()),
                                 _ => None,
@@ -517,9 +608,8 @@ impl Engine {
                             }
                         }
                         slots[i] = Slot::Failed;
-                        summary.failed += 1;
-                        on_event(finished(&stage.id, Outcome::Failed, None, 0, Some(error), log));
-                        self.skip_dependents(pipeline, i, &dependents, &mut slots, &mut summary, on_event);
+                        report.finish(&stage.id, Outcome::Failed, None, 0, Some(error), log);
+                        skip_dependents(pipeline, i, &dependents, &mut slots, report);
                         if !options.keep_going {
                             stop_launching = true;
                         }
@@ -529,27 +619,11 @@ impl Engine {
             drop(commit_tx);
             Ok(())
         })?;
-
-        // Whatever never started was skipped (a failure without --keep-going, or Ctrl-C).
-        for (i, slot) in slots.iter_mut().enumerate() {
-            if matches!(slot, Slot::Blocked | Slot::Ready(_)) {
-                *slot = Slot::Skipped;
-                summary.skipped += 1;
-                on_event(finished(&pipeline.stages[i].id, Outcome::Skipped, None, 0, None, None));
-            }
-        }
-        let mut refs = refs_before.clone();
-        for (i, slot) in slots.iter().enumerate() {
-            if let Slot::Done(m) = slot {
-                refs.insert(pipeline.stages[i].id.clone(), m.key);
-            }
-        }
-        if refs != refs_before {
-            self.write_refs(pipeline, &refs);
-        }
-        self.files.save();
-        summary.duration_ms = started.elapsed().as_millis() as u64;
-        Ok(summary)
+        let failed = slots.iter().any(|s| matches!(s, Slot::Failed));
+        Ok(Pass {
+            done: slots.into_iter().map(|s| if let Slot::Done(m) = s { Some(m) } else { None }).collect(),
+            stopped: report.summary.interrupted || (failed && !options.keep_going),
+        })
     }
 
     fn check_resources(&self, pipeline: &Pipeline, devices: &[u32], memory_mb: u64, on_event: &(dyn Fn(Event) + Sync)) -> Result<(), EngineError> {
@@ -574,18 +648,6 @@ impl Engine {
             }
         }
         Ok(())
-    }
-
-    fn skip_dependents(&self, pipeline: &Pipeline, i: usize, dependents: &[Vec<usize>], slots: &mut [Slot], summary: &mut RunSummary, on_event: &(dyn Fn(Event) + Sync)) {
-        let mut stack = dependents[i].clone();
-        while let Some(d) = stack.pop() {
-            if matches!(slots[d], Slot::Blocked | Slot::Ready(_)) {
-                slots[d] = Slot::Skipped;
-                summary.skipped += 1;
-                on_event(finished(&pipeline.stages[d].id, Outcome::Skipped, None, 0, Some(format!("`{}` failed", pipeline.stages[i].id)), None));
-                stack.extend(dependents[d].iter().copied());
-            }
-        }
     }
 
     fn input_paths(&self, pipeline: &Pipeline, i: usize, slots: &[Slot]) -> Result<BTreeMap<String, InputPath>, EngineError> {
@@ -704,6 +766,52 @@ impl Engine {
     }
 }
 
+/// What one scheduling pass leaves: each stage's manifest if it is done.
+struct Pass {
+    done: Vec<Option<Manifest>>,
+    stopped: bool,
+}
+
+/// Reports each stage's outcome once, however many passes see it.
+struct Report<'a> {
+    seen: HashSet<String>,
+    summary: RunSummary,
+    on_event: &'a (dyn Fn(Event) + Sync),
+}
+
+impl Report<'_> {
+    fn finish(&mut self, stage: &str, outcome: Outcome, key: Option<ActionKey>, duration_ms: u64, error: Option<String>, log: Option<PathBuf>) {
+        if !self.seen.insert(stage.to_string()) {
+            return;
+        }
+        match outcome {
+            Outcome::Executed => self.summary.executed += 1,
+            Outcome::Cached => self.summary.cached += 1,
+            Outcome::Failed => self.summary.failed += 1,
+            Outcome::Skipped => self.summary.skipped += 1,
+        }
+        (self.on_event)(Event::Finished { stage: stage.to_string(), outcome, key, duration_ms, error, log });
+    }
+}
+
+fn skip_dependents(pipeline: &Pipeline, i: usize, dependents: &[Vec<usize>], slots: &mut [Slot], report: &mut Report<'_>) {
+    let mut stack = dependents[i].clone();
+    while let Some(d) = stack.pop() {
+        if matches!(slots[d], Slot::Blocked | Slot::Ready(_)) {
+            slots[d] = Slot::Skipped;
+            report.finish(&pipeline.stages[d].id, Outcome::Skipped, None, 0, Some(format!("`{}` failed", pipeline.stages[i].id)), None);
+            stack.extend(dependents[d].iter().copied());
+        }
+    }
+}
+
+fn fanout_error(source: &str, stage: &str, message: String) -> EngineError {
+    EngineError::Resources {
+        message: format!("cannot fan out `{stage}` from `{source}`: {message}"),
+        hint: format!("`{source}` must write `{FANOUT_FILE}` as {{\"children\": [{{\"id\": \"name\", \"params\": {{...}}}}]}}"),
+    }
+}
+
 fn committer(cache: &Cache, rx: mpsc::Receiver<(usize, PendingAction)>, tx: mpsc::Sender<Msg>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -730,10 +838,6 @@ fn release(held: &mut HashMap<usize, (usize, Vec<u32>, u64)>, i: usize, cpus: &m
         gpus.sort_unstable();
         *memory += m;
     }
-}
-
-fn finished(stage: &str, outcome: Outcome, key: Option<ActionKey>, duration_ms: u64, error: Option<String>, log: Option<PathBuf>) -> Event {
-    Event::Finished { stage: stage.to_string(), outcome, key, duration_ms, error, log }
 }
 
 fn missing_output(stage: &crate::pipeline::Stage, input: &str, upstream: &str, path: &str, manifest: &Manifest) -> EngineError {

@@ -50,6 +50,29 @@ pub struct Stage {
     /// Declared env variables and their values now; part of the key.
     pub env: BTreeMap<String, String>,
     pub location: SourceLoc,
+    /// The fan-out this stage belongs to (its template id), if any.
+    pub group: Option<String>,
+    /// A run-time fan-out placeholder: its children come from this stage's `fanout.json`.
+    pub fanout_from: Option<String>,
+}
+
+/// One child of a run-time fan-out, as a stage lists it in its `fanout.json`:
+/// `{"children": [{"id": "base", "params": {...}}, ...]}`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FanoutChild {
+    pub id: String,
+    #[serde(default)]
+    pub params: Map<String, Value>,
+}
+
+/// The file a stage writes to fan out the stages that name it in `fanout:`.
+pub const FANOUT_FILE: &str = "fanout.json";
+
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FanoutList {
+    pub children: Vec<FanoutChild>,
 }
 
 /// Where a stage input comes from.
@@ -128,10 +151,12 @@ impl Pipeline {
 
     /// Indices of the stages `i` reads from.
     pub fn dependencies(&self, i: usize) -> Vec<usize> {
-        let mut deps: Vec<usize> = self.stages[i]
+        let stage = &self.stages[i];
+        let mut deps: Vec<usize> = stage
             .inputs
             .values()
             .flat_map(InputRef::stage_ids)
+            .chain(stage.fanout_from.as_deref())
             .filter_map(|id| self.position(id))
             .collect();
         deps.sort_unstable();
@@ -142,6 +167,62 @@ impl Pipeline {
     /// The closest stage id to `id`, for an error's hint.
     pub fn suggest_stage(&self, id: &str) -> Option<String> {
         did_you_mean(id, self.stages.iter().map(|s| s.id.as_str()))
+    }
+
+    /// Run-time fan-out placeholders not yet expanded, with the stage they wait on.
+    pub fn fanout_placeholders(&self) -> Vec<(usize, usize)> {
+        self.stages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, self.position(s.fanout_from.as_deref()?)?)))
+            .collect()
+    }
+
+    /// Replaces a placeholder with one stage per child: the template's params with the child's
+    /// laid over them. Stages that read the template now read the whole group.
+    pub fn expand_fanout(&mut self, placeholder: usize, children: &[FanoutChild]) -> Result<(), String> {
+        let template = self.stages[placeholder].clone();
+        let mut expanded = Vec::with_capacity(children.len());
+        for child in children {
+            if child.id.is_empty() || !child.id.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+                return Err(format!("child id `{}` may only use letters, digits, `_`, `-` and `.`", child.id));
+            }
+            let mut stage = template.clone();
+            stage.id = format!("{}[{}]", template.id, child.id);
+            stage.group = Some(template.id.clone());
+            stage.fanout_from = None;
+            for (k, v) in &child.params {
+                stage.params.insert(k.clone(), v.clone());
+            }
+            if self.index.contains_key(&stage.id) || expanded.iter().any(|s: &Stage| s.id == stage.id) {
+                return Err(format!("child id `{}` is listed twice or collides with another stage", child.id));
+            }
+            expanded.push(stage);
+        }
+        self.stages.splice(placeholder..=placeholder, expanded);
+        self.reindex();
+        let members: Vec<String> = self.groups.get(&template.id).map(|g| g.iter().map(|&i| self.stages[i].id.clone()).collect()).unwrap_or_default();
+        for stage in &mut self.stages {
+            for input in stage.inputs.values_mut() {
+                if let InputRef::Stage { id, path } = input
+                    && *id == template.id
+                    && path.is_empty()
+                {
+                    *input = InputRef::Group { template: template.id.clone(), ids: members.clone() };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn reindex(&mut self) {
+        self.index = self.stages.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
+        self.groups = BTreeMap::new();
+        for (i, s) in self.stages.iter().enumerate() {
+            if let Some(g) = &s.group {
+                self.groups.entry(g.clone()).or_default().push(i);
+            }
+        }
     }
 }
 
@@ -406,6 +487,11 @@ impl Loader<'_> {
             (None, None) => vec![Vec::new()],
         };
         let fanned = rs.matrix.is_some() || rs.foreach.is_some();
+        if let (true, Some(f)) = (fanned, &rs.fanout) {
+            let loc = self.loc(&f.referenced);
+            self.err(ConfigError::new(format!("stage `{}` has both a static fan-out (`matrix`/`foreach`) and `fanout`", rs.id.value), Some(loc)).hint("use one kind of fan-out per stage"));
+            return Vec::new();
+        }
         let kind = rs.kind.value.clone();
         let Some(kind_impl) = self.kinds.get(&kind).cloned() else {
             let loc = self.loc(&rs.kind.referenced);
@@ -514,6 +600,8 @@ impl Loader<'_> {
                 retries: rs.retries.as_ref().map_or(0, |r| r.value),
                 env,
                 location: stage_loc.clone(),
+                group: fanned.then(|| rs.id.value.clone()),
+                fanout_from: rs.fanout.as_ref().map(|f| f.value.clone()),
             });
         }
         out
@@ -545,6 +633,12 @@ impl Loader<'_> {
         let ids: Vec<String> = stages.iter().map(|s| s.id.clone()).collect();
         let known: Vec<&str> = ids.iter().map(String::as_str).chain(groups.keys().map(String::as_str)).collect();
         for stage in stages.iter_mut() {
+            if let Some(src) = &stage.fanout_from
+                && !index.contains_key(src)
+            {
+                let hint = suggest("stages", src, known.iter().copied());
+                self.errors.push(ConfigError::new(format!("`fanout` of stage `{}` names unknown stage `{src}`", stage.id), Some(stage.location.clone())).hint(hint));
+            }
             for (name, input) in stage.inputs.iter_mut() {
                 let InputRef::Stage { id: text, .. } = input else {
                     if let InputRef::File(p) = input

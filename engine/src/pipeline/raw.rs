@@ -48,6 +48,9 @@ pub(crate) struct RawStage {
     /// One stage per item; `${item}` is the item.
     #[serde(default)]
     pub foreach: Option<Spanned<Vec<Value>>>,
+    /// Run-time fan-out: one stage per child listed in this stage's `fanout.json`.
+    #[serde(default)]
+    pub fanout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
