@@ -540,7 +540,11 @@ impl Loader<'_> {
                     Ok(v) => {
                         resolved.insert(name, v);
                     }
-                    Err(e) => self.err(e.at(loc)),
+                    Err(e) => {
+                        self.err(e.at(loc));
+                        // Keep the raw value so the one mistake is reported once.
+                        resolved.insert(name, value);
+                    }
                 }
             }
             let specs = kind_impl.params();
@@ -663,7 +667,7 @@ impl Loader<'_> {
                     let hint = suggest("stages", target, known.iter().copied());
                     self.errors.push(
                         ConfigError::new(format!("input `{name}` of stage `{}` refers to unknown stage `{target}`", stage.id), Some(stage.location.clone()))
-                            .hint(format!("{hint}; a file input is written `file:PATH`")),
+                            .hint(format!("{hint} (a file input is written `file:PATH`)")),
                     );
                 }
             }
@@ -726,21 +730,40 @@ fn parse_memory(v: &Value) -> Option<u64> {
 
 fn wrong_type(what: &str, ty: ParamType, value: &Value, loc: Option<SourceLoc>) -> ConfigError {
     ConfigError::new(format!("{what} expects {}, got {} `{value}`", ty.name(), ParamType::of(value).name()), loc)
-        .hint(format!("give a {} value", ty.name()))
+        .hint(match ty {
+            ParamType::Int | ParamType::Any => format!("give an {} value", ty.name()),
+            _ => format!("give a {} value", ty.name()),
+        })
 }
 
 /// Turns a serde-saphyr error into ours, with its location and a hint.
 fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigErrors {
     let location = e.location().map(|l| SourceLoc::File { path: file.to_path_buf(), line: l.line(), column: l.column() });
     let message = e.without_snippet().to_string();
-    let message = message.lines().next().unwrap_or("invalid YAML").trim().to_string();
-    let mut error = ConfigError::new(message.clone(), location);
+    let message = message.lines().next().unwrap_or("invalid YAML").trim();
+    // The location is shown on its own line; don't repeat it in the message.
+    let message = match message.rfind(" at line ") {
+        Some(at) if message[at..].contains("column") => &message[..at],
+        _ => message,
+    };
+    let mut error = ConfigError::new(message.to_string(), location);
     if let Some(rest) = message.split("unknown field `").nth(1) {
         let field = rest.split('`').next().unwrap_or_default();
-        let expected: Vec<&str> = rest.split("expected ").nth(1).unwrap_or_default().split('`').skip(1).step_by(2).collect();
+        let expected: Vec<&str> = rest
+            .split("expected ")
+            .nth(1)
+            .unwrap_or_default()
+            .trim_start_matches("one of ")
+            .split(',')
+            .map(|f| f.trim().trim_matches('`'))
+            .filter(|f| !f.is_empty())
+            .collect();
+        error.message = format!("unknown field `{field}`");
         error = error.hint(did_you_mean(field, expected.iter().copied()).unwrap_or_else(|| known_list("fields", expected.iter().copied())));
     } else if message.contains("missing field") {
         error = error.hint("see the pipeline format in the README");
+    } else {
+        error = error.hint("this is not valid YAML for a pipeline; check the syntax at this spot");
     }
     ConfigErrors(vec![error])
 }

@@ -1,0 +1,77 @@
+//! Shared helpers for the CLI integration tests: a scratch workspace with its own cache, and
+//! the binary run against it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().expect("tempdir") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn cache(&self) -> PathBuf {
+        self.path().join("cache")
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    /// The binary with this workspace's cache, run in the workspace.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_autoscale"));
+        cmd.args(args).current_dir(self.path()).env("AUTOSCALE_CACHE_DIR", self.cache()).env_remove("CUDA_VISIBLE_DEVICES");
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run autoscale")
+    }
+
+    /// `autoscale --json run ARGS`, returning the exit code and the events.
+    pub fn run_json(&self, args: &[&str]) -> (i32, Vec<Value>) {
+        let mut all = vec!["--json", "run"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        (out.status.code().unwrap_or(-1), events(&out))
+    }
+}
+
+pub fn events(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Stage ids with the given outcome, sorted.
+pub fn with_outcome(events: &[Value], outcome: &str) -> Vec<String> {
+    let mut ids: Vec<String> = events
+        .iter()
+        .filter(|e| e["event"] == "finished" && e["outcome"] == outcome)
+        .filter_map(|e| e["stage"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    ids
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
