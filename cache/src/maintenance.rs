@@ -55,8 +55,11 @@ pub struct GcReport {
     pub bytes_kept: u64,
 }
 
+/// A manifest file, what parsing it gave, and when it was last used.
+type ManifestFile = (PathBuf, Result<Manifest, CacheError>, SystemTime);
+
 impl Cache {
-    fn manifests(&self) -> Result<Vec<(PathBuf, Result<Manifest, CacheError>, SystemTime)>, CacheError> {
+    fn manifests(&self) -> Result<Vec<ManifestFile>, CacheError> {
         let mut out = Vec::new();
         for path in walk_files(&self.base.join("actions"))? {
             if path.extension().is_some_and(|e| e == "json") {

@@ -50,7 +50,7 @@ impl KeyRecord {
         let mut new_leaves = BTreeMap::new();
         flatten("", &old.params, &mut old_leaves);
         flatten("", &self.params, &mut new_leaves);
-        diff_maps("param", &old_leaves, &new_leaves, &mut reasons, |v| short(v));
+        diff_maps("param", &old_leaves, &new_leaves, &mut reasons, short);
         diff_maps("env", &old.env, &self.env, &mut reasons, |v| format!("{v:?}"));
         for (name, digest) in &self.inputs {
             match old.inputs.get(name) {

@@ -446,9 +446,9 @@ impl Engine {
         let order = topological_order(pipeline);
         let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
         let mut waiting_on: Vec<usize> = vec![0; n];
-        for i in 0..n {
+        for (i, waiting) in waiting_on.iter_mut().enumerate() {
             let deps = pipeline.dependencies(i);
-            waiting_on[i] = deps.len();
+            *waiting = deps.len();
             for d in deps {
                 dependents[d].push(i);
             }
@@ -673,8 +673,9 @@ impl Engine {
         Ok(inputs)
     }
 
-    /// Runs one stage in a worker thread: lock, re-check, run, ingest.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs one stage in a worker thread: lock, re-check, run, ingest. The `Err` is the message
+    /// for the scheduler, sent once per stage, so its size does not matter.
+    #[allow(clippy::too_many_arguments, clippy::result_large_err)]
     fn execute(
         &self,
         pipeline: &Pipeline,
