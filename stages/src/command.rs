@@ -9,6 +9,7 @@
 //! | `AUTOSCALE_INPUT_<NAME>` | `${inputs.name}` | each input's path (a fan-out group: a directory of links, one per member) |
 //! | `AUTOSCALE_SCRATCH` | `${scratch}` | scratch space kept across a killed run (checkpoints) |
 //! | `AUTOSCALE_PARAM_<NAME>` | | each scalar param |
+//! | `AUTOSCALE_PARAMS_JSON` | | every param (lists and maps too) as one JSON object |
 //! | `AUTOSCALE_STAGE` | | the stage id |
 //! | `CUDA_VISIBLE_DEVICES` | `${devices}` | the devices this stage owns; empty on the CPU |
 
@@ -25,8 +26,16 @@ use serde_json::{Map, Value, json};
 pub struct CommandKind;
 
 const PARAMS: &[ParamSpec] = &[
-    ParamSpec::required("cmd", ParamType::String, "the shell command; it writes its outputs under $AUTOSCALE_OUT"),
-    ParamSpec::optional("outputs", ParamType::List, "paths under $AUTOSCALE_OUT the command must write; checked after it exits"),
+    ParamSpec::required(
+        "cmd",
+        ParamType::String,
+        "the shell command; it writes its outputs under $AUTOSCALE_OUT",
+    ),
+    ParamSpec::optional(
+        "outputs",
+        ParamType::List,
+        "paths under $AUTOSCALE_OUT the command must write; checked after it exits",
+    ),
 ];
 
 /// How long a stopped command gets between SIGTERM and SIGKILL.
@@ -60,8 +69,13 @@ impl StageKind for CommandKind {
                     return Err(format!("`outputs` lists paths, and `{o}` is not a string"));
                 };
                 let p = Path::new(path);
-                if p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-                    return Err(format!("output `{path}` must be a relative path inside $AUTOSCALE_OUT, without `..`"));
+                if p.is_absolute()
+                    || p.components()
+                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
+                    return Err(format!(
+                        "output `{path}` must be a relative path inside $AUTOSCALE_OUT, without `..`"
+                    ));
                 }
             }
         }
@@ -69,13 +83,24 @@ impl StageKind for CommandKind {
     }
 
     fn run(&self, ctx: &StageContext<'_>) -> Result<Value, StageError> {
-        let cmd = ctx.params.get("cmd").and_then(Value::as_str).unwrap_or_default();
+        let cmd = ctx
+            .params
+            .get("cmd")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let staging = ctx.out_dir.parent().unwrap_or(&ctx.out_dir).to_path_buf();
         let inputs = input_env(&staging, ctx.inputs)?;
-        let devices = ctx.devices.as_ref().map(|d| d.iter().map(u32::to_string).collect::<Vec<_>>().join(",")).unwrap_or_default();
+        let devices = ctx
+            .devices
+            .as_ref()
+            .map(|d| d.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            .unwrap_or_default();
         let cmd = template(cmd, ctx, &inputs, &devices);
-        let log = fs::File::create(&ctx.log_path).map_err(|e| io_failure("create the log", &ctx.log_path, e))?;
-        let log_err = log.try_clone().map_err(|e| io_failure("open the log", &ctx.log_path, e))?;
+        let log = fs::File::create(&ctx.log_path)
+            .map_err(|e| io_failure("create the log", &ctx.log_path, e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| io_failure("open the log", &ctx.log_path, e))?;
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -88,10 +113,17 @@ impl StageKind for CommandKind {
             .env("AUTOSCALE_SCRATCH", &ctx.scratch_dir)
             .env("AUTOSCALE_STAGE", ctx.stage_id)
             .env("CUDA_VISIBLE_DEVICES", &devices)
+            .env(
+                "AUTOSCALE_PARAMS_JSON",
+                Value::Object(ctx.params.clone()).to_string(),
+            )
             // A group of its own, so stopping the stage stops everything it started.
             .process_group(0);
         for (name, path) in &inputs {
-            command.env(format!("AUTOSCALE_INPUT_{}", name.to_ascii_uppercase()), path);
+            command.env(
+                format!("AUTOSCALE_INPUT_{}", name.to_ascii_uppercase()),
+                path,
+            );
         }
         for (name, value) in ctx.params {
             if name == "cmd" || name == "outputs" {
@@ -107,16 +139,21 @@ impl StageKind for CommandKind {
         for (k, v) in ctx.env {
             command.env(k, v);
         }
-        let mut child = command
-            .spawn()
-            .map_err(|e| StageError::Failed { message: format!("cannot start `sh`: {e}"), hint: Some("is a POSIX shell installed?".into()) })?;
+        let mut child = command.spawn().map_err(|e| StageError::Failed {
+            message: format!("cannot start `sh`: {e}"),
+            hint: Some("is a POSIX shell installed?".into()),
+        })?;
         let pgid = rustix::process::Pid::from_raw(child.id() as i32);
         let mut sleep = Duration::from_micros(100);
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) => {}
-                Err(e) => return Err(StageError::failed(format!("lost track of the command: {e}"))),
+                Err(e) => {
+                    return Err(StageError::failed(format!(
+                        "lost track of the command: {e}"
+                    )));
+                }
             }
             if ctx.cancelled() {
                 if let Some(pgid) = pgid {
@@ -132,13 +169,32 @@ impl StageKind for CommandKind {
                 Some(code) => format!("exit status {code}"),
                 None => "a signal".to_string(),
             };
-            return Err(StageError::Failed { message: format!("the command failed with {how}"), hint: Some("its log is kept; see below".into()) });
+            return Err(StageError::Failed {
+                message: format!("the command failed with {how}"),
+                hint: Some("its log is kept; see below".into()),
+            });
         }
-        let declared: Vec<&str> = ctx.params.get("outputs").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-        let missing: Vec<&str> = declared.iter().copied().filter(|o| !ctx.out_dir.join(o).exists()).collect();
+        let declared: Vec<&str> = ctx
+            .params
+            .get("outputs")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let missing: Vec<&str> = declared
+            .iter()
+            .copied()
+            .filter(|o| !ctx.out_dir.join(o).exists())
+            .collect();
         if !missing.is_empty() {
             return Err(StageError::Failed {
-                message: format!("the command exited 0 but did not write the declared output(s) {}", missing.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")),
+                message: format!(
+                    "the command exited 0 but did not write the declared output(s) {}",
+                    missing
+                        .iter()
+                        .map(|m| format!("`{m}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 hint: Some("write outputs under $AUTOSCALE_OUT (or `${out}` in cmd)".into()),
             });
         }
@@ -151,21 +207,34 @@ fn io_failure(what: &str, path: &Path, e: std::io::Error) -> StageError {
 }
 
 fn env_name(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 /// One path per input; a fan-out group becomes a directory of links named by member id.
-fn input_env(staging: &Path, inputs: &BTreeMap<String, InputPath>) -> Result<BTreeMap<String, PathBuf>, StageError> {
+fn input_env(
+    staging: &Path,
+    inputs: &BTreeMap<String, InputPath>,
+) -> Result<BTreeMap<String, PathBuf>, StageError> {
     let mut out = BTreeMap::new();
     for (name, input) in inputs {
         let path = match input {
             InputPath::One(p) => p.clone(),
             InputPath::Many(members) => {
                 let dir = staging.join("inputs").join(name);
-                fs::create_dir_all(&dir).map_err(|e| io_failure("create the input links", &dir, e))?;
+                fs::create_dir_all(&dir)
+                    .map_err(|e| io_failure("create the input links", &dir, e))?;
                 for (id, target) in members {
                     let link = dir.join(id);
-                    std::os::unix::fs::symlink(target, &link).map_err(|e| io_failure("link an input", &link, e))?;
+                    std::os::unix::fs::symlink(target, &link)
+                        .map_err(|e| io_failure("link an input", &link, e))?;
                 }
                 dir
             }
@@ -175,8 +244,16 @@ fn input_env(staging: &Path, inputs: &BTreeMap<String, InputPath>) -> Result<BTr
     Ok(out)
 }
 
-fn template(cmd: &str, ctx: &StageContext<'_>, inputs: &BTreeMap<String, PathBuf>, devices: &str) -> String {
-    let mut out = cmd.replace("${out}", &quote(&ctx.out_dir)).replace("${scratch}", &quote(&ctx.scratch_dir)).replace("${devices}", devices);
+fn template(
+    cmd: &str,
+    ctx: &StageContext<'_>,
+    inputs: &BTreeMap<String, PathBuf>,
+    devices: &str,
+) -> String {
+    let mut out = cmd
+        .replace("${out}", &quote(&ctx.out_dir))
+        .replace("${scratch}", &quote(&ctx.scratch_dir))
+        .replace("${devices}", devices);
     for (name, path) in inputs {
         out = out.replace(&format!("${{inputs.{name}}}"), &quote(path));
     }
@@ -186,7 +263,9 @@ fn template(cmd: &str, ctx: &StageContext<'_>, inputs: &BTreeMap<String, PathBuf
 /// A path as one shell word.
 fn quote(path: &Path) -> String {
     let s = path.to_string_lossy();
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+=,:@%".contains(c)) {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+=,:@%".contains(c))
+    {
         s.into_owned()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
