@@ -119,7 +119,9 @@ pub struct GcArgs {
 /// `500MiB`, `20GiB`, `1000` (bytes).
 pub fn parse_size(text: &str) -> Option<u64> {
     let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let num: f64 = num.parse().ok()?;
     let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {

@@ -50,12 +50,20 @@ fn default_cache_dir() -> PathBuf {
 
 fn open_engine(cache_dir: Option<PathBuf>) -> Result<Engine, Failure> {
     let dir = cache_dir.unwrap_or_else(default_cache_dir);
-    let cache = Cache::open(&dir).map_err(|e| Failure::runtime(e).hint(format!("the cache is at `{}`; set --cache-dir or AUTOSCALE_CACHE_DIR", dir.display())))?;
+    let cache = Cache::open(&dir).map_err(|e| {
+        Failure::runtime(e).hint(format!(
+            "the cache is at `{}`; set --cache-dir or AUTOSCALE_CACHE_DIR",
+            dir.display()
+        ))
+    })?;
     Ok(Engine::new(cache, autoscale_stages::builtin_kinds()))
 }
 
 fn load(engine: &Engine, args: &PipelineArgs) -> Result<Pipeline, Failure> {
-    let overrides = Overrides { overlays: args.with.clone(), sets: args.set.clone() };
+    let overrides = Overrides {
+        overlays: args.with.clone(),
+        sets: args.set.clone(),
+    };
     engine.load(&args.file, &overrides).map_err(Failure::Config)
 }
 
@@ -71,7 +79,12 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 return Ok(exit::OK);
             }
             let gpus = match &args.gpus {
-                Some(spec) => GpuSpec::parse(spec).map_err(|e| Failure::usage(format!("--gpus {spec}: {e}"), "write `--gpus 0,1,3`, `--gpus none` or `--gpus auto`"))?,
+                Some(spec) => GpuSpec::parse(spec).map_err(|e| {
+                    Failure::usage(
+                        format!("--gpus {spec}: {e}"),
+                        "write `--gpus 0,1,3`, `--gpus none` or `--gpus auto`",
+                    )
+                })?,
                 None => GpuSpec::Auto,
             };
             let cancel = Arc::new(AtomicBool::new(false));
@@ -89,7 +102,9 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 cancel,
             };
             let reporter = Reporter::new(json, cli.verbose, pipeline.stages.len());
-            let summary = engine.run(&pipeline, &options, &|e| reporter.event(e)).map_err(Failure::engine)?;
+            let summary = engine
+                .run(&pipeline, &options, &|e| reporter.event(e))
+                .map_err(Failure::engine)?;
             reporter.finish(&summary);
             Ok(if summary.interrupted {
                 exit::INTERRUPTED
@@ -109,14 +124,19 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
         Command::Explain(args) => {
             let engine = open_engine(cli.cache_dir)?;
             let pipeline = load(&engine, &args.pipeline)?;
-            let explanation = engine.explain(&pipeline, &args.stage).map_err(Failure::engine)?;
+            let explanation = engine
+                .explain(&pipeline, &args.stage)
+                .map_err(Failure::engine)?;
             render::print_explanation(&explanation, json);
             Ok(exit::OK)
         }
         Command::Show(args) => {
             let engine = open_engine(cli.cache_dir)?;
             let pipeline = load(&engine, &args.pipeline)?;
-            match engine.cached_manifest(&pipeline, &args.stage).map_err(Failure::engine)? {
+            match engine
+                .cached_manifest(&pipeline, &args.stage)
+                .map_err(Failure::engine)?
+            {
                 Ok(manifest) => {
                     let dir = engine.cache().output_dir(&manifest.key);
                     let log = manifest.log.and_then(|d| engine.cache().read_blob(&d).ok());
@@ -126,16 +146,26 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 Err(state) => {
                     let why = match state {
                         StageState::Waiting { on } => format!("it waits on `{on}`"),
-                        StageState::WillRun { reasons, .. } => format!("it will run: {}", reasons.join("; ")),
+                        StageState::WillRun { reasons, .. } => {
+                            format!("it will run: {}", reasons.join("; "))
+                        }
                         StageState::Cached { .. } => "its result was removed from the cache".into(),
                     };
-                    Err(Failure::usage(format!("stage `{}` has no cached result for its current key: {why}", args.stage), format!("run `autoscale run {}` first", args.pipeline.file.display())))
+                    Err(Failure::usage(
+                        format!(
+                            "stage `{}` has no cached result for its current key: {why}",
+                            args.stage
+                        ),
+                        format!("run `autoscale run {}` first", args.pipeline.file.display()),
+                    ))
                 }
             }
         }
         Command::Dag(args) => {
             let engine = open_engine(cli.cache_dir)?;
-            let pipeline = engine.expanded(&load(&engine, &args.pipeline)?).map_err(Failure::engine)?;
+            let pipeline = engine
+                .expanded(&load(&engine, &args.pipeline)?)
+                .map_err(Failure::engine)?;
             let text = match args.format {
                 DagFormat::Dot => autoscale_engine::graph::to_dot(&pipeline),
                 DagFormat::Mermaid => autoscale_engine::graph::to_mermaid(&pipeline),
@@ -165,7 +195,11 @@ fn cache_command(cmd: CacheCommand, cache_dir: Option<PathBuf>, json: bool) -> R
         CacheCommand::Verify => {
             let report = cache.verify().map_err(Failure::runtime)?;
             render::print_verify(&report, json);
-            Ok(if report.problems.is_empty() { exit::OK } else { exit::STAGE_FAILED })
+            Ok(if report.problems.is_empty() {
+                exit::OK
+            } else {
+                exit::STAGE_FAILED
+            })
         }
         CacheCommand::Gc(args) => {
             let keep = if args.pipelines.is_empty() {
@@ -173,16 +207,29 @@ fn cache_command(cmd: CacheCommand, cache_dir: Option<PathBuf>, json: bool) -> R
             } else {
                 let mut keep: std::collections::HashSet<ActionKey> = Default::default();
                 for file in &args.pipelines {
-                    let pipeline = engine.load(file, &Overrides::default()).map_err(Failure::Config)?;
+                    let pipeline = engine
+                        .load(file, &Overrides::default())
+                        .map_err(Failure::Config)?;
                     keep.extend(engine.live_keys(&pipeline).map_err(Failure::engine)?);
                 }
                 Some(keep)
             };
             let max_bytes = match &args.max_size {
-                Some(text) => Some(cli::parse_size(text).ok_or_else(|| Failure::usage(format!("cannot read size `{text}`"), "write a size such as `500MiB` or `20GiB`"))?),
+                Some(text) => Some(cli::parse_size(text).ok_or_else(|| {
+                    Failure::usage(
+                        format!("cannot read size `{text}`"),
+                        "write a size such as `500MiB` or `20GiB`",
+                    )
+                })?),
                 None => None,
             };
-            let report = cache.gc(&GcOptions { keep, max_bytes, dry_run: args.dry_run }).map_err(Failure::runtime)?;
+            let report = cache
+                .gc(&GcOptions {
+                    keep,
+                    max_bytes,
+                    dry_run: args.dry_run,
+                })
+                .map_err(Failure::runtime)?;
             render::print_gc(&report, args.dry_run, json);
             Ok(exit::OK)
         }

@@ -7,7 +7,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use autoscale_cache::{ActionSummary, GcReport, Manifest, VerifyReport};
-use autoscale_engine::{ConfigError, ConfigErrors, EngineError, Event, Explanation, KindRegistry, Outcome, Pipeline, RunSummary, StageState, StageStatus};
+use autoscale_engine::{
+    ConfigError, ConfigErrors, EngineError, Event, Explanation, KindRegistry, Outcome, Pipeline,
+    RunSummary, StageState, StageStatus,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -19,21 +22,36 @@ pub fn init_tracing(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AUTOSCALE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AUTOSCALE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Why a command failed, and how to say so.
 #[derive(Debug)]
 pub enum Failure {
     Config(ConfigErrors),
-    Usage { message: String, hint: String },
-    Runtime { message: String, causes: Vec<String>, hint: Option<String>, code: u8 },
+    Usage {
+        message: String,
+        hint: String,
+    },
+    Runtime {
+        message: String,
+        causes: Vec<String>,
+        hint: Option<String>,
+        code: u8,
+    },
 }
 
 impl Failure {
     pub fn usage(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        Failure::Usage { message: message.into(), hint: hint.into() }
+        Failure::Usage {
+            message: message.into(),
+            hint: hint.into(),
+        }
     }
 
     pub fn runtime(e: impl std::error::Error) -> Self {
@@ -43,23 +61,45 @@ impl Failure {
             causes.push(c.to_string());
             source = c.source();
         }
-        Failure::Runtime { message: e.to_string(), causes, hint: None, code: exit::STAGE_FAILED }
+        Failure::Runtime {
+            message: e.to_string(),
+            causes,
+            hint: None,
+            code: exit::STAGE_FAILED,
+        }
     }
 
     pub fn engine(e: EngineError) -> Self {
         match e {
             EngineError::Config(c) => Failure::Config(c),
-            EngineError::UnknownStage { ref id, ref hint } => {
-                Failure::usage(format!("no stage `{id}` in the pipeline"), hint.clone().unwrap_or_else(|| "`autoscale status FILE` lists the stages".into()))
-            }
-            EngineError::Resources { message, hint } => Failure::Runtime { message, causes: Vec::new(), hint: Some(hint), code: exit::BAD_INPUT },
+            EngineError::UnknownStage { ref id, ref hint } => Failure::usage(
+                format!("no stage `{id}` in the pipeline"),
+                hint.clone()
+                    .unwrap_or_else(|| "`autoscale status FILE` lists the stages".into()),
+            ),
+            EngineError::Resources { message, hint } => Failure::Runtime {
+                message,
+                causes: Vec::new(),
+                hint: Some(hint),
+                code: exit::BAD_INPUT,
+            },
             other => Failure::runtime(other),
         }
     }
 
     pub fn hint(self, hint: String) -> Self {
         match self {
-            Failure::Runtime { message, causes, code, .. } => Failure::Runtime { message, causes, hint: Some(hint), code },
+            Failure::Runtime {
+                message,
+                causes,
+                code,
+                ..
+            } => Failure::Runtime {
+                message,
+                causes,
+                hint: Some(hint),
+                code,
+            },
             other => other,
         }
     }
@@ -81,7 +121,10 @@ pub fn config_error_text(e: &ConfigError) -> String {
         if let Some((line, column, src)) = e.source_line() {
             let gutter = line.to_string().len();
             let pad = " ".repeat(gutter);
-            out.push_str(&format!("{pad} |\n{line} | {src}\n{pad} | {}^\n", " ".repeat(column.saturating_sub(1) as usize)));
+            out.push_str(&format!(
+                "{pad} |\n{line} | {src}\n{pad} | {}^\n",
+                " ".repeat(column.saturating_sub(1) as usize)
+            ));
         }
     }
     if let Some(hint) = &e.hint {
@@ -109,13 +152,26 @@ pub fn print_failure(failure: &Failure, json: bool) {
         }
         Failure::Usage { message, hint } => {
             if json {
-                let _ = writeln!(std::io::stdout(), "{}", json!({"event": "error", "message": message, "hint": hint}));
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "{}",
+                    json!({"event": "error", "message": message, "hint": hint})
+                );
             }
             let _ = writeln!(err, "error: {message}\nhint: {hint}");
         }
-        Failure::Runtime { message, causes, hint, .. } => {
+        Failure::Runtime {
+            message,
+            causes,
+            hint,
+            ..
+        } => {
             if json {
-                let _ = writeln!(std::io::stdout(), "{}", json!({"event": "error", "message": message, "causes": causes, "hint": hint}));
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "{}",
+                    json!({"event": "error", "message": message, "causes": causes, "hint": hint})
+                );
             }
             let _ = writeln!(err, "error: {message}");
             for c in causes {
@@ -140,11 +196,21 @@ impl Reporter {
     pub fn new(json: bool, verbose: u8, stages: usize) -> Self {
         let bar = (!json && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(stages as u64);
-            bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {wide_msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
             bar.enable_steady_tick(Duration::from_millis(120));
             bar
         });
-        Self { json, verbose, bar, out: Mutex::new(()) }
+        Self {
+            json,
+            verbose,
+            bar,
+            out: Mutex::new(()),
+        }
     }
 
     fn line(&self, text: &str) {
@@ -167,12 +233,24 @@ impl Reporter {
         }
         match event {
             Event::Plan { .. } => {}
-            Event::Started { stage, devices, attempt, .. } => {
+            Event::Started {
+                stage,
+                devices,
+                attempt,
+                ..
+            } => {
                 let on = match devices {
-                    Some(d) => format!(" on GPU {}", d.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+                    Some(d) => format!(
+                        " on GPU {}",
+                        d.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                    ),
                     None => String::new(),
                 };
-                let again = if attempt > 1 { format!(" (attempt {attempt})") } else { String::new() };
+                let again = if attempt > 1 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                };
                 if let Some(bar) = &self.bar {
                     bar.set_message(format!("running {stage}{on}"));
                 }
@@ -181,8 +259,17 @@ impl Reporter {
                 }
             }
             Event::Waiting { stage, holder } => {
-                let who = holder.map(|h| format!(" (held by pid {} on {} since {})", h.pid, h.host, h.since_unix)).unwrap_or_default();
-                self.line(&format!("  waiting   {stage}: another autoscale is computing it{who}"));
+                let who = holder
+                    .map(|h| {
+                        format!(
+                            " (held by pid {} on {} since {})",
+                            h.pid, h.host, h.since_unix
+                        )
+                    })
+                    .unwrap_or_default();
+                self.line(&format!(
+                    "  waiting   {stage}: another autoscale is computing it{who}"
+                ));
             }
             Event::Progress { stage, data } => {
                 if let Some(bar) = &self.bar {
@@ -193,16 +280,29 @@ impl Reporter {
                 let at = stage.map(|s| format!("{s}: ")).unwrap_or_default();
                 self.line(&format!("warning: {at}{message}"));
             }
-            Event::Finished { stage, outcome, duration_ms, error, log, .. } => {
+            Event::Finished {
+                stage,
+                outcome,
+                duration_ms,
+                error,
+                log,
+                ..
+            } => {
                 if let Some(bar) = &self.bar {
                     bar.inc(1);
                 }
                 match outcome {
-                    Outcome::Executed => self.line(&format!("  executed  {stage}  ({:.2}s)", duration_ms as f64 / 1000.0)),
-                    Outcome::Cached if self.verbose > 0 => self.line(&format!("  cached    {stage}")),
+                    Outcome::Executed => self.line(&format!(
+                        "  executed  {stage}  ({:.2}s)",
+                        duration_ms as f64 / 1000.0
+                    )),
+                    Outcome::Cached if self.verbose > 0 => {
+                        self.line(&format!("  cached    {stage}"))
+                    }
                     Outcome::Cached => {}
                     Outcome::Failed => {
-                        let mut text = format!("  FAILED    {stage}: {}", error.unwrap_or_default());
+                        let mut text =
+                            format!("  FAILED    {stage}: {}", error.unwrap_or_default());
                         if let Some(log) = log {
                             text.push_str(&format!("\n  full log: {}", log.display()));
                         }
@@ -222,7 +322,11 @@ impl Reporter {
             bar.finish_and_clear();
         }
         if self.json {
-            let _ = writeln!(std::io::stdout(), "{}", json!({"event": "summary", "summary": summary}));
+            let _ = writeln!(
+                std::io::stdout(),
+                "{}",
+                json!({"event": "summary", "summary": summary})
+            );
             return;
         }
         let total = summary.executed + summary.cached + summary.failed + summary.skipped;
@@ -251,7 +355,12 @@ pub fn print_status(pipeline: &Pipeline, status: &[StageStatus], json: bool) {
         }
         return;
     }
-    let width = status.iter().map(|s| s.stage.len()).max().unwrap_or(5).min(48);
+    let width = status
+        .iter()
+        .map(|s| s.stage.len())
+        .max()
+        .unwrap_or(5)
+        .min(48);
     let (mut cached, mut run, mut waiting) = (0, 0, 0);
     for s in status {
         let (word, why) = match &s.state {
@@ -270,7 +379,13 @@ pub fn print_status(pipeline: &Pipeline, status: &[StageStatus], json: bool) {
         };
         let _ = writeln!(out, "{word:<7} {:<width$}  {why}", s.stage);
     }
-    let _ = writeln!(out, "{}: {} stages, {cached} cached, {} to run ({waiting} of them wait on an upstream result)", pipeline.name, status.len(), run + waiting);
+    let _ = writeln!(
+        out,
+        "{}: {} stages, {cached} cached, {} to run ({waiting} of them wait on an upstream result)",
+        pipeline.name,
+        status.len(),
+        run + waiting
+    );
 }
 
 pub fn print_explanation(e: &Explanation, json: bool) {
@@ -285,10 +400,17 @@ pub fn print_explanation(e: &Explanation, json: bool) {
         StageState::Waiting { on } => format!("will run; its key is unknown until `{on}` has run"),
     };
     let _ = writeln!(out, "stage {}: {state}", e.stage);
-    let _ = writeln!(out, "\nkey record:\n{}", serde_json::to_string_pretty(&e.record).unwrap_or_default());
+    let _ = writeln!(
+        out,
+        "\nkey record:\n{}",
+        serde_json::to_string_pretty(&e.record).unwrap_or_default()
+    );
     match &e.previous_key {
         None => {
-            let _ = writeln!(out, "\nno earlier run of this stage is recorded in this cache");
+            let _ = writeln!(
+                out,
+                "\nno earlier run of this stage is recorded in this cache"
+            );
         }
         Some(k) => {
             let _ = writeln!(out, "\nlast run: key {k}");
@@ -308,16 +430,31 @@ pub fn print_show(stage: &str, dir: &Path, m: &Manifest, log: Option<&[u8]>, jso
     let mut out = std::io::stdout().lock();
     if json {
         let files: Vec<_> = m.files.iter().map(|f| json!({"path": f.path, "abs_path": dir.join(&f.path), "digest": f.digest, "size": f.size})).collect();
-        let line = json!({"stage": stage, "key": m.key, "dir": dir, "tree": m.tree, "files": files, "metadata": m.metadata, "timings": m.timings});
+        let line = json!({"stage": stage, "key": m.key, "dir": dir, "tree": m.tree, "files": files, "metadata": m.metadata_value(), "timings": m.timings});
         let _ = writeln!(out, "{line}");
         return;
     }
-    let _ = writeln!(out, "stage {stage}\nkey   {}\ndir   {}\nran   {:.2}s", m.key, dir.display(), m.timings.duration_ms as f64 / 1000.0);
+    let _ = writeln!(
+        out,
+        "stage {stage}\nkey   {}\ndir   {}\nran   {:.2}s",
+        m.key,
+        dir.display(),
+        m.timings.duration_ms as f64 / 1000.0
+    );
     let _ = writeln!(out, "files:");
     for f in &m.files {
-        let _ = writeln!(out, "  {:>10}  {}", human_bytes(f.size), dir.join(&f.path).display());
+        let _ = writeln!(
+            out,
+            "  {:>10}  {}",
+            human_bytes(f.size),
+            dir.join(&f.path).display()
+        );
     }
-    let _ = writeln!(out, "metadata: {}", serde_json::to_string_pretty(&m.metadata).unwrap_or_default());
+    let _ = writeln!(
+        out,
+        "metadata: {}",
+        serde_json::to_string_pretty(&m.metadata_value()).unwrap_or_default()
+    );
     if let Some(log) = log {
         let text = String::from_utf8_lossy(log);
         let lines: Vec<&str> = text.lines().collect();
@@ -331,16 +468,28 @@ pub fn print_show(stage: &str, dir: &Path, m: &Manifest, log: Option<&[u8]>, jso
 pub fn print_kinds(kinds: &KindRegistry, json: bool) {
     let mut out = std::io::stdout().lock();
     for name in kinds.names() {
-        let Some(kind) = kinds.get(name) else { continue };
+        let Some(kind) = kinds.get(name) else {
+            continue;
+        };
         if json {
             let params: Vec<_> = kind.params().iter().map(|p| json!({"name": p.name, "type": p.ty.name(), "required": p.required, "help": p.help})).collect();
-            let _ = writeln!(out, "{}", json!({"kind": name, "version": kind.version(), "summary": kind.summary(), "params": params}));
+            let _ = writeln!(
+                out,
+                "{}",
+                json!({"kind": name, "version": kind.version(), "summary": kind.summary(), "params": params})
+            );
             continue;
         }
         let _ = writeln!(out, "{name} (v{}): {}", kind.version(), kind.summary());
         for p in kind.params() {
             let req = if p.required { "required" } else { "optional" };
-            let _ = writeln!(out, "  {:<16} {:<7} {req:<9} {}", p.name, p.ty.name(), p.help);
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<7} {req:<9} {}",
+                p.name,
+                p.ty.name(),
+                p.help
+            );
         }
     }
 }
@@ -351,12 +500,27 @@ pub fn print_cache_list(list: &[ActionSummary], json: bool) {
         if json {
             let _ = writeln!(out, "{}", serde_json::to_string(a).unwrap_or_default());
         } else {
-            let who = format!("{}/{}", a.metadata["pipeline"].as_str().unwrap_or("?"), a.metadata["stage"].as_str().unwrap_or("?"));
-            let _ = writeln!(out, "{}  {:>10}  {:>5} files  {who}", a.key.short(), human_bytes(a.bytes), a.files);
+            let who = format!(
+                "{}/{}",
+                a.metadata["pipeline"].as_str().unwrap_or("?"),
+                a.metadata["stage"].as_str().unwrap_or("?")
+            );
+            let _ = writeln!(
+                out,
+                "{}  {:>10}  {:>5} files  {who}",
+                a.key.short(),
+                human_bytes(a.bytes),
+                a.files
+            );
         }
     }
     if !json {
-        let _ = writeln!(out, "{} cached results, {}", list.len(), human_bytes(list.iter().map(|a| a.bytes).sum()));
+        let _ = writeln!(
+            out,
+            "{} cached results, {}",
+            list.len(),
+            human_bytes(list.iter().map(|a| a.bytes).sum())
+        );
     }
 }
 
@@ -370,10 +534,24 @@ pub fn print_verify(r: &VerifyReport, json: bool) {
         let _ = writeln!(out, "problem: {}: {}", p.path.display(), p.problem);
     }
     for s in &r.stale_staging {
-        let _ = writeln!(out, "stale: {} (left by a killed run; `autoscale cache gc` removes it)", s.display());
+        let _ = writeln!(
+            out,
+            "stale: {} (left by a killed run; `autoscale cache gc` removes it)",
+            s.display()
+        );
     }
-    let verdict = if r.problems.is_empty() { "ok" } else { "PROBLEMS FOUND" };
-    let _ = writeln!(out, "{verdict}: {} results, {} blobs checked, {} problems", r.actions, r.blobs, r.problems.len());
+    let verdict = if r.problems.is_empty() {
+        "ok"
+    } else {
+        "PROBLEMS FOUND"
+    };
+    let _ = writeln!(
+        out,
+        "{verdict}: {} results, {} blobs checked, {} problems",
+        r.actions,
+        r.blobs,
+        r.problems.len()
+    );
 }
 
 pub fn print_gc(r: &GcReport, dry_run: bool, json: bool) {
@@ -383,7 +561,14 @@ pub fn print_gc(r: &GcReport, dry_run: bool, json: bool) {
         return;
     }
     let verb = if dry_run { "would remove" } else { "removed" };
-    let _ = writeln!(out, "{verb} {} results and {} blobs ({}); {} kept", r.actions_removed, r.blobs_removed, human_bytes(r.bytes_freed), human_bytes(r.bytes_kept));
+    let _ = writeln!(
+        out,
+        "{verb} {} results and {} blobs ({}); {} kept",
+        r.actions_removed,
+        r.blobs_removed,
+        human_bytes(r.bytes_freed),
+        human_bytes(r.bytes_kept)
+    );
 }
 
 pub fn human_bytes(n: u64) -> String {
@@ -394,5 +579,9 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

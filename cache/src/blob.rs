@@ -70,7 +70,9 @@ impl Cache {
             None
         };
         let (target, payload) = match &compressed {
-            Some(c) if c.len() * 10 <= bytes.len() * 9 => (self.compressed_blob_path(&digest), &c[..]),
+            Some(c) if c.len() * 10 <= bytes.len() * 9 => {
+                (self.compressed_blob_path(&digest), &c[..])
+            }
             _ => (self.blob_path(&digest), bytes),
         };
         create_dir(target.parent().unwrap_or(&self.base))?;

@@ -57,12 +57,18 @@ impl Cache {
     }
 
     /// Takes the key's lock if it is free; otherwise returns who holds it (when they said).
-    pub fn try_lock(&self, key: &ActionKey, label: &str) -> Result<Result<KeyLock, Option<LockHolder>>, CacheError> {
+    pub fn try_lock(
+        &self,
+        key: &ActionKey,
+        label: &str,
+    ) -> Result<Result<KeyLock, Option<LockHolder>>, CacheError> {
         let (file, path) = self.open_lock_file(key)?;
         match file.try_lock() {
             Ok(()) => Ok(Ok(self.record_holder(*key, file, &path, label)?)),
             Err(fs::TryLockError::WouldBlock) => {
-                let holder = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+                let holder = fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok());
                 Ok(Err(holder))
             }
             Err(fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
@@ -76,10 +82,19 @@ impl Cache {
         self.record_holder(*key, file, &path, label)
     }
 
-    fn record_holder(&self, key: ActionKey, mut file: fs::File, path: &std::path::Path, label: &str) -> Result<KeyLock, CacheError> {
+    fn record_holder(
+        &self,
+        key: ActionKey,
+        mut file: fs::File,
+        path: &std::path::Path,
+        label: &str,
+    ) -> Result<KeyLock, CacheError> {
         let holder = LockHolder {
             pid: std::process::id(),
-            host: rustix::system::uname().nodename().to_string_lossy().into_owned(),
+            host: rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned(),
             since_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())

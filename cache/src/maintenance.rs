@@ -88,11 +88,15 @@ impl Cache {
                     bytes: m.total_size(),
                     last_used_unix: unix_secs(modified),
                     duration_ms: m.timings.duration_ms,
-                    metadata: m.metadata,
+                    metadata: m.metadata_value(),
                 })
             })
             .collect();
-        list.sort_by(|a, b| b.last_used_unix.cmp(&a.last_used_unix).then(a.key.cmp(&b.key)));
+        list.sort_by(|a, b| {
+            b.last_used_unix
+                .cmp(&a.last_used_unix)
+                .then(a.key.cmp(&b.key))
+        });
         Ok(list)
     }
 
@@ -105,12 +109,18 @@ impl Cache {
             let manifest = match manifest {
                 Ok(m) => m,
                 Err(e) => {
-                    report.problems.push(VerifyProblem { path, problem: error_chain(&e) });
+                    report.problems.push(VerifyProblem {
+                        path,
+                        problem: error_chain(&e),
+                    });
                     continue;
                 }
             };
             let expected = format!("{}.json", manifest.key);
-            if path.file_name().is_none_or(|n| n.to_string_lossy() != expected) {
+            if path
+                .file_name()
+                .is_none_or(|n| n.to_string_lossy() != expected)
+            {
                 report.problems.push(VerifyProblem {
                     path: path.clone(),
                     problem: format!("file name does not match its key {}", manifest.key),
@@ -120,7 +130,9 @@ impl Cache {
                 if checked.insert(digest) && !self.blob_is_intact(&digest)? {
                     report.problems.push(VerifyProblem {
                         path: self.blob_path(&digest),
-                        problem: format!("blob {digest} is missing or its bytes do not hash to its name"),
+                        problem: format!(
+                            "blob {digest} is missing or its bytes do not hash to its name"
+                        ),
                     });
                 }
             }
@@ -131,11 +143,18 @@ impl Cache {
                     Ok(meta) if meta.len() == file.size => {}
                     Ok(meta) => report.problems.push(VerifyProblem {
                         path: p,
-                        problem: format!("size {} differs from the manifest's {}", meta.len(), file.size),
+                        problem: format!(
+                            "size {} differs from the manifest's {}",
+                            meta.len(),
+                            file.size
+                        ),
                     }),
                     // A removed tree is rebuilt from blobs on use; not a problem.
                     Err(_) if !out.exists() => break,
-                    Err(e) => report.problems.push(VerifyProblem { path: p, problem: e.to_string() }),
+                    Err(e) => report.problems.push(VerifyProblem {
+                        path: p,
+                        problem: e.to_string(),
+                    }),
                 }
             }
         }
@@ -159,7 +178,12 @@ impl Cache {
         let mut live: Vec<(PathBuf, Manifest, SystemTime)> = Vec::new();
         for (path, manifest, modified) in self.manifests()? {
             match manifest {
-                Ok(m) if options.keep.as_ref().is_none_or(|keep| keep.contains(&m.key)) => {
+                Ok(m)
+                    if options
+                        .keep
+                        .as_ref()
+                        .is_none_or(|keep| keep.contains(&m.key)) =>
+                {
                     live.push((path, m, modified));
                 }
                 _ => {
@@ -199,7 +223,10 @@ impl Cache {
             .collect();
         let live_keys: BTreeSet<String> = live.iter().map(|(_, m, _)| m.key.to_hex()).collect();
         for path in walk_files(&self.base.join("blobs"))? {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let digest = name.trim_end_matches(".zst").parse::<ArtifactDigest>();
             let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             if digest.is_ok_and(|d| referenced.contains(&d)) {
@@ -217,7 +244,9 @@ impl Cache {
                 for entry in fs::read_dir(self.base.join(dir)).map_err(io_err(&self.base))? {
                     let entry = entry.map_err(io_err(&self.base))?;
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    let Ok(key) = name.parse::<ActionKey>() else { continue };
+                    let Ok(key) = name.parse::<ActionKey>() else {
+                        continue;
+                    };
                     if dir == "out" && live_keys.contains(&name) {
                         continue;
                     }
@@ -250,7 +279,9 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>, CacheError> {
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -275,7 +306,13 @@ mod tests {
         let staging = cache.staging(&lock).unwrap();
         fs::write(staging.join("out/f"), content).unwrap();
         let p = cache
-            .ingest(lock, b"", serde_json::Value::Null, serde_json::json!({"n": n}), StageTimings::default())
+            .ingest(
+                lock,
+                b"",
+                serde_json::Value::Null,
+                serde_json::json!({"n": n}),
+                StageTimings::default(),
+            )
             .unwrap();
         cache.commit(vec![p]).unwrap().remove(0)
     }
@@ -302,7 +339,10 @@ mod tests {
         let a = commit(&cache, 1, "a");
         let b = commit(&cache, 2, "b");
         let report = cache
-            .gc(&GcOptions { keep: Some([a.key].into()), ..Default::default() })
+            .gc(&GcOptions {
+                keep: Some([a.key].into()),
+                ..Default::default()
+            })
             .unwrap();
         assert_eq!(report.actions_removed, 1);
         assert_eq!(report.blobs_removed, 1);
@@ -310,7 +350,12 @@ mod tests {
         assert!(cache.lookup(&b.key).unwrap().is_none());
         assert!(!cache.output_dir(&b.key).exists());
         assert!(cache.verify().unwrap().problems.is_empty());
-        let capped = cache.gc(&GcOptions { max_bytes: Some(0), ..Default::default() }).unwrap();
+        let capped = cache
+            .gc(&GcOptions {
+                max_bytes: Some(0),
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(capped.actions_removed, 1);
         assert!(cache.list().unwrap().is_empty());
     }

@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
-use crate::{ActionKey, ArtifactDigest, Cache, CacheError, KeyLock, create_dir, io_err, tree_digest};
+use crate::{
+    ActionKey, ArtifactDigest, Cache, CacheError, KeyLock, create_dir, io_err, tree_digest,
+};
 
 /// The manifest format this build reads and writes.
 pub const MANIFEST_SCHEMA: u32 = 1;
@@ -35,8 +38,9 @@ pub struct StageTimings {
     pub duration_ms: u64,
 }
 
-/// What the action cache stores for a key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// What the action cache stores for a key. The caller's JSON stays unparsed until asked for,
+/// so a no-op run over thousands of stages does not build JSON trees it never reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub schema: u32,
     pub key: ActionKey,
@@ -46,9 +50,9 @@ pub struct Manifest {
     /// The action's combined stdout and stderr.
     pub log: Option<ArtifactDigest>,
     /// The caller's key record: what was hashed into `key`, kept so a rerun can be explained.
-    pub record: serde_json::Value,
+    pub record: Box<RawValue>,
     /// Whatever else the caller wants to keep (stage id, pipeline, metrics).
-    pub metadata: serde_json::Value,
+    pub metadata: Box<RawValue>,
     pub timings: StageTimings,
 }
 
@@ -74,6 +78,16 @@ impl Manifest {
             })
             .collect();
         (!sub.is_empty()).then(|| tree_digest(sub))
+    }
+
+    /// The caller's key record, parsed.
+    pub fn record_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.record.get()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The caller's metadata, parsed.
+    pub fn metadata_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.metadata.get()).unwrap_or(serde_json::Value::Null)
     }
 
     pub fn total_size(&self) -> u64 {
@@ -199,7 +213,18 @@ impl Cache {
                 executable,
             });
         }
-        let tree_digest = tree_digest(entries.iter().map(|e| (e.path.as_str(), &e.digest, e.executable)));
+        let tree_digest = tree_digest(
+            entries
+                .iter()
+                .map(|e| (e.path.as_str(), &e.digest, e.executable)),
+        );
+        let raw = |v: serde_json::Value| {
+            serde_json::value::to_raw_value(&v).map_err(|source| CacheError::BadManifest {
+                path: staging.clone(),
+                source,
+            })
+        };
+        let (record, metadata) = (raw(record)?, raw(metadata)?);
         let log = if log.is_empty() {
             None
         } else {
@@ -237,9 +262,11 @@ impl Cache {
         for pending in batch {
             let path = self.manifest_path(&pending.manifest.key);
             create_dir(path.parent().unwrap_or(&self.base))?;
-            let bytes = serde_json::to_vec(&pending.manifest).map_err(|source| CacheError::BadManifest {
-                path: path.clone(),
-                source,
+            let bytes = serde_json::to_vec(&pending.manifest).map_err(|source| {
+                CacheError::BadManifest {
+                    path: path.clone(),
+                    source,
+                }
             })?;
             let tmp = self.tmp_file("manifest");
             let mut file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
@@ -267,31 +294,49 @@ pub(crate) fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, Cach
     struct Head {
         schema: u32,
     }
-    let head: Head = serde_json::from_slice(bytes).map_err(|source| CacheError::BadManifest {
+    let bad = |source| CacheError::BadManifest {
         path: path.to_path_buf(),
         source,
-    })?;
-    if head.schema != MANIFEST_SCHEMA {
+    };
+    let manifest: Manifest = match serde_json::from_slice(bytes) {
+        Ok(m) => m,
+        // A manifest of another schema may not parse at all: say which schema it is.
+        Err(e) => {
+            let head: Head = serde_json::from_slice(bytes).map_err(bad)?;
+            if head.schema != MANIFEST_SCHEMA {
+                return Err(CacheError::SchemaVersion {
+                    path: path.to_path_buf(),
+                    found: head.schema,
+                    expected: MANIFEST_SCHEMA,
+                });
+            }
+            return Err(bad(e));
+        }
+    };
+    if manifest.schema != MANIFEST_SCHEMA {
         return Err(CacheError::SchemaVersion {
             path: path.to_path_buf(),
-            found: head.schema,
+            found: manifest.schema,
             expected: MANIFEST_SCHEMA,
         });
     }
-    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|source| CacheError::BadManifest {
-        path: path.to_path_buf(),
-        source,
-    })?;
     for file in &manifest.files {
         let p = Path::new(&file.path);
-        if p.is_absolute() || p.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        if p.is_absolute()
+            || p.components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
             return Err(CacheError::BadOutputPath(p.to_path_buf()));
         }
     }
     Ok(manifest)
 }
 
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), CacheError> {
+fn collect_files(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, PathBuf)>,
+) -> Result<(), CacheError> {
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         let path = entry.path();
@@ -309,7 +354,11 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> R
         } else {
             return Err(CacheError::UnsupportedFileType {
                 path,
-                what: if kind.is_symlink() { "symbolic link" } else { "special file" },
+                what: if kind.is_symlink() {
+                    "symbolic link"
+                } else {
+                    "special file"
+                },
             });
         }
     }
@@ -336,18 +385,34 @@ mod tests {
         fs::write(staging.join("out/a.txt"), "a").unwrap();
         fs::write(staging.join("out/sub/b.txt"), "b").unwrap();
         let pending = cache
-            .ingest(lock, b"log", serde_json::json!({"p": 1}), serde_json::json!({}), StageTimings::default())
+            .ingest(
+                lock,
+                b"log",
+                serde_json::json!({"p": 1}),
+                serde_json::json!({}),
+                StageTimings::default(),
+            )
             .unwrap();
-        assert!(cache.lookup(&k).unwrap().is_none(), "nothing is cached before commit");
+        assert!(
+            cache.lookup(&k).unwrap().is_none(),
+            "nothing is cached before commit"
+        );
         let committed = cache.commit(vec![pending]).unwrap();
         let hit = cache.lookup(&k).unwrap().unwrap();
-        assert_eq!(hit, committed[0]);
+        assert_eq!(hit.key, committed[0].key);
+        assert_eq!(hit.record_value(), serde_json::json!({"p": 1}));
         assert_eq!(hit.files.len(), 2);
         assert!(hit.digest_of("sub").is_some());
-        assert_eq!(hit.digest_of("a.txt").unwrap(), ArtifactDigest::from(blake3::hash(b"a")));
+        assert_eq!(
+            hit.digest_of("a.txt").unwrap(),
+            ArtifactDigest::from(blake3::hash(b"a"))
+        );
         let out = cache.materialize(&hit).unwrap();
         assert_eq!(fs::read_to_string(out.join("sub/b.txt")).unwrap(), "b");
-        let mode = fs::metadata(out.join("a.txt")).unwrap().permissions().mode();
+        let mode = fs::metadata(out.join("a.txt"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o222, 0, "outputs are read-only");
         assert_eq!(cache.read_blob(&hit.log.unwrap()).unwrap(), b"log");
     }
@@ -360,7 +425,13 @@ mod tests {
         let staging = cache.staging(&lock).unwrap();
         fs::write(staging.join("out/x"), "x").unwrap();
         let pending = cache
-            .ingest(lock, b"", serde_json::Value::Null, serde_json::Value::Null, StageTimings::default())
+            .ingest(
+                lock,
+                b"",
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+                StageTimings::default(),
+            )
             .unwrap();
         let manifest = cache.commit(vec![pending]).unwrap().remove(0);
         fs::remove_dir_all(cache.output_dir(&manifest.key)).unwrap();
@@ -373,7 +444,10 @@ mod tests {
         let p = Path::new("m.json");
         let k = key(3);
         let bad_schema = format!(r#"{{"schema": 99, "key": "{k}"}}"#);
-        assert!(matches!(parse_manifest(p, bad_schema.as_bytes()), Err(CacheError::SchemaVersion { found: 99, .. })));
+        assert!(matches!(
+            parse_manifest(p, bad_schema.as_bytes()),
+            Err(CacheError::SchemaVersion { found: 99, .. })
+        ));
         let d = ArtifactDigest::from(blake3::hash(b""));
         let traversal = serde_json::json!({
             "schema": 1, "key": k, "tree": d, "log": null, "record": null, "metadata": null,

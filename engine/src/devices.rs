@@ -22,7 +22,11 @@ impl GpuSpec {
             "none" | "" => Ok(GpuSpec::None),
             list => list
                 .split(',')
-                .map(|d| d.trim().parse::<u32>().map_err(|_| format!("`{d}` is not a device id")))
+                .map(|d| {
+                    d.trim()
+                        .parse::<u32>()
+                        .map_err(|_| format!("`{d}` is not a device id"))
+                })
                 .collect::<Result<Vec<_>, _>>()
                 .map(GpuSpec::List),
         }
@@ -39,7 +43,9 @@ impl GpuSpec {
             }
             GpuSpec::Auto => match std::env::var("CUDA_VISIBLE_DEVICES") {
                 Ok(v) => parse_visible(&v),
-                Err(_) => nvidia_smi_count().map(|n| (0..n).collect()).unwrap_or_default(),
+                Err(_) => nvidia_smi_count()
+                    .map(|n| (0..n).collect())
+                    .unwrap_or_default(),
             },
         }
     }
@@ -47,7 +53,11 @@ impl GpuSpec {
 
 /// `CUDA_VISIBLE_DEVICES` as ids; UUID entries keep their position.
 fn parse_visible(value: &str) -> Vec<u32> {
-    let entries: Vec<&str> = value.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let entries: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     if entries.iter().all(|e| e.parse::<u32>().is_ok()) {
         entries.iter().filter_map(|e| e.parse().ok()).collect()
     } else {
@@ -60,7 +70,12 @@ fn nvidia_smi_count() -> Option<u32> {
     if !out.status.success() {
         return None;
     }
-    Some(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("GPU ")).count() as u32)
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("GPU "))
+            .count() as u32,
+    )
 }
 
 #[cfg(test)]
@@ -69,7 +84,10 @@ mod tests {
 
     #[test]
     fn parses_lists_and_words() {
-        assert_eq!(GpuSpec::parse("0,1,3").unwrap(), GpuSpec::List(vec![0, 1, 3]));
+        assert_eq!(
+            GpuSpec::parse("0,1,3").unwrap(),
+            GpuSpec::List(vec![0, 1, 3])
+        );
         assert_eq!(GpuSpec::parse("none").unwrap(), GpuSpec::None);
         assert!(GpuSpec::parse("0,x").is_err());
         assert_eq!(parse_visible("2,3"), vec![2, 3]);

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 /// Where in the user's input something came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceLoc {
-    File { path: PathBuf, line: u64, column: u64 },
+    File {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+    },
     /// A `--set` given on the command line.
     CommandLine(String),
 }
@@ -14,7 +18,9 @@ pub enum SourceLoc {
 impl fmt::Display for SourceLoc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SourceLoc::File { path, line, column } => write!(f, "{}:{line}:{column}", path.display()),
+            SourceLoc::File { path, line, column } => {
+                write!(f, "{}:{line}:{column}", path.display())
+            }
             SourceLoc::CommandLine(arg) => write!(f, "command line `--set {arg}`"),
         }
     }
@@ -48,7 +54,9 @@ impl ConfigError {
             return None;
         };
         let text = std::fs::read_to_string(path).ok()?;
-        let src = text.lines().nth(usize::try_from(*line).ok()?.checked_sub(1)?)?;
+        let src = text
+            .lines()
+            .nth(usize::try_from(*line).ok()?.checked_sub(1)?)?;
         Some((*line, *column, src.to_string()))
     }
 }
@@ -130,6 +138,10 @@ pub fn known_list<'a>(what: &str, known: impl IntoIterator<Item = &'a str>) -> S
     format!("known {what}: {}", names.join(", "))
 }
 
-pub(crate) fn suggest<'a>(what: &str, name: &str, known: impl IntoIterator<Item = &'a str> + Clone) -> String {
+pub(crate) fn suggest<'a>(
+    what: &str,
+    name: &str,
+    known: impl IntoIterator<Item = &'a str> + Clone,
+) -> String {
     did_you_mean(name, known.clone()).unwrap_or_else(|| known_list(what, known))
 }

@@ -30,12 +30,18 @@ impl FileHasher {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        Self { path, memo: Mutex::new((memo, false)) }
+        Self {
+            path,
+            memo: Mutex::new((memo, false)),
+        }
     }
 
     /// The digest of a file, or of a directory as a tree of its files.
     pub fn digest(&self, path: &Path) -> Result<ArtifactDigest, CacheError> {
-        let io = |source| CacheError::Io { path: path.to_path_buf(), source };
+        let io = |source| CacheError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let meta = fs::metadata(path).map_err(io)?;
         if !meta.is_dir() {
             return self.file_digest(path, &meta);
@@ -45,11 +51,16 @@ impl FileHasher {
         files.sort();
         let mut entries = Vec::with_capacity(files.len());
         for (rel, full) in files {
-            let meta = fs::metadata(&full).map_err(|source| CacheError::Io { path: full.clone(), source })?;
+            let meta = fs::metadata(&full).map_err(|source| CacheError::Io {
+                path: full.clone(),
+                source,
+            })?;
             let exec = meta.permissions().mode() & 0o111 != 0;
             entries.push((rel, self.file_digest(&full, &meta)?, exec));
         }
-        Ok(tree_digest(entries.iter().map(|(p, d, x)| (p.as_str(), d, *x))))
+        Ok(tree_digest(
+            entries.iter().map(|(p, d, x)| (p.as_str(), d, *x)),
+        ))
     }
 
     fn file_digest(&self, path: &Path, meta: &fs::Metadata) -> Result<ArtifactDigest, CacheError> {
@@ -66,7 +77,15 @@ impl FileHasher {
         }
         let digest = hash_file(path)?;
         if let Ok(mut memo) = self.memo.lock() {
-            memo.0.insert(abs, Stamp { size, mtime_ns, ino, digest });
+            memo.0.insert(
+                abs,
+                Stamp {
+                    size,
+                    mtime_ns,
+                    ino,
+                    digest,
+                },
+            );
             memo.1 = true;
         }
         Ok(digest)
@@ -74,12 +93,16 @@ impl FileHasher {
 
     /// Writes the memo back if anything new was hashed. Losing it only costs a re-hash.
     pub fn save(&self) {
-        let Ok(mut memo) = self.memo.lock() else { return };
+        let Ok(mut memo) = self.memo.lock() else {
+            return;
+        };
         if !memo.1 {
             return;
         }
         if let Ok(bytes) = serde_json::to_vec(&memo.0) {
-            let tmp = self.path.with_extension(format!("tmp.{}", std::process::id()));
+            let tmp = self
+                .path
+                .with_extension(format!("tmp.{}", std::process::id()));
             if fs::write(&tmp, bytes).is_ok() {
                 let _ = fs::rename(&tmp, &self.path);
             }
@@ -89,7 +112,10 @@ impl FileHasher {
 }
 
 fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), CacheError> {
-    let io = |source| CacheError::Io { path: dir.to_path_buf(), source };
+    let io = |source| CacheError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
     for entry in fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
         let path = entry.path();

@@ -9,7 +9,9 @@ use crate::pipeline::Pipeline;
 /// Edges point from a stage to the stages that read its outputs.
 pub fn build(pipeline: &Pipeline) -> DiGraph<usize, ()> {
     let mut graph = DiGraph::with_capacity(pipeline.stages.len(), pipeline.stages.len());
-    let nodes: Vec<NodeIndex> = (0..pipeline.stages.len()).map(|i| graph.add_node(i)).collect();
+    let nodes: Vec<NodeIndex> = (0..pipeline.stages.len())
+        .map(|i| graph.add_node(i))
+        .collect();
     for (i, &node) in nodes.iter().enumerate() {
         for dep in pipeline.dependencies(i) {
             graph.add_edge(nodes[dep], node, ());
@@ -46,9 +48,16 @@ pub(crate) fn find_cycle(pipeline: &Pipeline) -> Result<(), ConfigError> {
     let mut seen = std::collections::HashSet::from([start]);
     let mut current = start;
     loop {
-        let mut next_nodes: Vec<NodeIndex> = graph.neighbors(current).filter(|n| scc.contains(n)).collect();
+        let mut next_nodes: Vec<NodeIndex> = graph
+            .neighbors(current)
+            .filter(|n| scc.contains(n))
+            .collect();
         next_nodes.sort_by_key(|n| graph[*n]);
-        let next = next_nodes.iter().copied().find(|n| *n == start).or_else(|| next_nodes.iter().copied().find(|n| !seen.contains(n)));
+        let next = next_nodes
+            .iter()
+            .copied()
+            .find(|n| *n == start)
+            .or_else(|| next_nodes.iter().copied().find(|n| !seen.contains(n)));
         let Some(next) = next else { break };
         path.push(next);
         if next == start {
@@ -57,7 +66,10 @@ pub(crate) fn find_cycle(pipeline: &Pipeline) -> Result<(), ConfigError> {
         seen.insert(next);
         current = next;
     }
-    let names: Vec<&str> = path.iter().map(|n| pipeline.stages[graph[*n]].id.as_str()).collect();
+    let names: Vec<&str> = path
+        .iter()
+        .map(|n| pipeline.stages[graph[*n]].id.as_str())
+        .collect();
     let first = &pipeline.stages[graph[start]];
     Err(ConfigError::new(format!("the stages form a cycle: {}", names.join(" -> ")), Some(first.location.clone()))
         .hint("a stage cannot read, directly or through others, its own output; remove one of these inputs"))
@@ -65,13 +77,23 @@ pub(crate) fn find_cycle(pipeline: &Pipeline) -> Result<(), ConfigError> {
 
 /// Graphviz DOT.
 pub fn to_dot(pipeline: &Pipeline) -> String {
-    let mut out = format!("digraph {:?} {{\n  rankdir=LR;\n  node [shape=box, style=rounded];\n", pipeline.name);
+    let mut out = format!(
+        "digraph {:?} {{\n  rankdir=LR;\n  node [shape=box, style=rounded];\n",
+        pipeline.name
+    );
     for stage in &pipeline.stages {
-        out.push_str(&format!("  {:?} [label={:?}];\n", stage.id, format!("{}\n({})", stage.id, stage.kind)));
+        out.push_str(&format!(
+            "  {:?} [label={:?}];\n",
+            stage.id,
+            format!("{}\n({})", stage.id, stage.kind)
+        ));
     }
     for (i, stage) in pipeline.stages.iter().enumerate() {
         for dep in pipeline.dependencies(i) {
-            out.push_str(&format!("  {:?} -> {:?};\n", pipeline.stages[dep].id, stage.id));
+            out.push_str(&format!(
+                "  {:?} -> {:?};\n",
+                pipeline.stages[dep].id, stage.id
+            ));
         }
     }
     out.push_str("}\n");
@@ -82,7 +104,11 @@ pub fn to_dot(pipeline: &Pipeline) -> String {
 pub fn to_mermaid(pipeline: &Pipeline) -> String {
     let mut out = String::from("flowchart LR\n");
     for (i, stage) in pipeline.stages.iter().enumerate() {
-        out.push_str(&format!("  s{i}[\"{}<br/><small>{}</small>\"]\n", stage.id.replace('"', "'"), stage.kind));
+        out.push_str(&format!(
+            "  s{i}[\"{}<br/><small>{}</small>\"]\n",
+            stage.id.replace('"', "'"),
+            stage.kind
+        ));
     }
     for i in 0..pipeline.stages.len() {
         for dep in pipeline.dependencies(i) {

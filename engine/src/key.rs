@@ -39,19 +39,27 @@ impl KeyRecord {
     pub fn changes_since(&self, old: &KeyRecord) -> Vec<String> {
         let mut reasons = Vec::new();
         if old.schema != self.schema {
-            reasons.push(format!("cache schema changed {} -> {}", old.schema, self.schema));
+            reasons.push(format!(
+                "cache schema changed {} -> {}",
+                old.schema, self.schema
+            ));
         }
         if old.kind != self.kind {
             reasons.push(format!("kind changed `{}` -> `{}`", old.kind, self.kind));
         } else if old.kind_version != self.kind_version {
-            reasons.push(format!("`{}` implementation version changed {} -> {}", self.kind, old.kind_version, self.kind_version));
+            reasons.push(format!(
+                "`{}` implementation version changed {} -> {}",
+                self.kind, old.kind_version, self.kind_version
+            ));
         }
         let mut old_leaves = BTreeMap::new();
         let mut new_leaves = BTreeMap::new();
         flatten("", &old.params, &mut old_leaves);
         flatten("", &self.params, &mut new_leaves);
         diff_maps("param", &old_leaves, &new_leaves, &mut reasons, short);
-        diff_maps("env", &old.env, &self.env, &mut reasons, |v| format!("{v:?}"));
+        diff_maps("env", &old.env, &self.env, &mut reasons, |v| {
+            format!("{v:?}")
+        });
         for (name, digest) in &self.inputs {
             match old.inputs.get(name) {
                 None => reasons.push(format!("input `{name}` added")),
@@ -66,11 +74,19 @@ impl KeyRecord {
     }
 }
 
-fn diff_maps<V: PartialEq>(what: &str, old: &BTreeMap<String, V>, new: &BTreeMap<String, V>, reasons: &mut Vec<String>, show: impl Fn(&V) -> String) {
+fn diff_maps<V: PartialEq>(
+    what: &str,
+    old: &BTreeMap<String, V>,
+    new: &BTreeMap<String, V>,
+    reasons: &mut Vec<String>,
+    show: impl Fn(&V) -> String,
+) {
     for (k, v) in new {
         match old.get(k) {
             None => reasons.push(format!("{what} {k} added = {}", show(v))),
-            Some(o) if o != v => reasons.push(format!("{what} {k} changed {} -> {}", show(o), show(v))),
+            Some(o) if o != v => {
+                reasons.push(format!("{what} {k} changed {} -> {}", show(o), show(v)))
+            }
             _ => {}
         }
     }
@@ -85,7 +101,11 @@ fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, Value>) {
     match value {
         Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
-                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 flatten(&path, v, out);
             }
         }
@@ -148,7 +168,9 @@ fn write_canonical(value: &Value, out: &mut String) {
 }
 
 /// The digest of a fan-out group input: its members' ids and output digests.
-pub fn group_digest<'a>(members: impl IntoIterator<Item = (&'a str, ArtifactDigest)>) -> ArtifactDigest {
+pub fn group_digest<'a>(
+    members: impl IntoIterator<Item = (&'a str, ArtifactDigest)>,
+) -> ArtifactDigest {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"autoscale-group\n");
     for (id, digest) in members {
@@ -180,17 +202,31 @@ mod tests {
         let a: Value = serde_json::from_str(r#"{"b": 1, "a": {"y": 2, "x": 3}}"#).unwrap();
         let b: Value = serde_json::from_str(r#"{"a": {"x": 3, "y": 2}, "b": 1}"#).unwrap();
         assert_eq!(record(a.clone()).key(), record(b).key());
-        assert_ne!(record(a).key(), record(json!({"a": {"x": 3, "y": 2}, "b": 2})).key());
-        assert_eq!(canonical_json(&json!({"z": [1, {"b": 2, "a": 1}]})), r#"{"z":[1,{"a":1,"b":2}]}"#);
+        assert_ne!(
+            record(a).key(),
+            record(json!({"a": {"x": 3, "y": 2}, "b": 2})).key()
+        );
+        assert_eq!(
+            canonical_json(&json!({"z": [1, {"b": 2, "a": 1}]})),
+            r#"{"z":[1,{"a":1,"b":2}]}"#
+        );
     }
 
     #[test]
     fn changes_name_the_param_and_input() {
         let mut old = record(json!({"lr": 3e-4, "steps": 10}));
-        old.inputs.insert("shards".into(), ArtifactDigest::from(blake3::hash(b"a")));
+        old.inputs
+            .insert("shards".into(), ArtifactDigest::from(blake3::hash(b"a")));
         let mut new = record(json!({"lr": 6e-4, "steps": 10}));
-        new.inputs.insert("shards".into(), ArtifactDigest::from(blake3::hash(b"b")));
+        new.inputs
+            .insert("shards".into(), ArtifactDigest::from(blake3::hash(b"b")));
         let reasons = new.changes_since(&old);
-        assert_eq!(reasons, vec!["param lr changed 0.0003 -> 0.0006", "input `shards` changed"]);
+        assert_eq!(
+            reasons,
+            vec![
+                "param lr changed 0.0003 -> 0.0006",
+                "input `shards` changed"
+            ]
+        );
     }
 }

@@ -82,11 +82,21 @@ pub struct ParamSpec {
 
 impl ParamSpec {
     pub const fn required(name: &'static str, ty: ParamType, help: &'static str) -> Self {
-        Self { name, ty, required: true, help }
+        Self {
+            name,
+            ty,
+            required: true,
+            help,
+        }
     }
 
     pub const fn optional(name: &'static str, ty: ParamType, help: &'static str) -> Self {
-        Self { name, ty, required: false, help }
+        Self {
+            name,
+            ty,
+            required: false,
+            help,
+        }
     }
 }
 
@@ -94,14 +104,20 @@ impl ParamSpec {
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error("{message}")]
-    Failed { message: String, hint: Option<String> },
+    Failed {
+        message: String,
+        hint: Option<String>,
+    },
     #[error("interrupted")]
     Cancelled,
 }
 
 impl StageError {
     pub fn failed(message: impl Into<String>) -> Self {
-        StageError::Failed { message: message.into(), hint: None }
+        StageError::Failed {
+            message: message.into(),
+            hint: None,
+        }
     }
 }
 

@@ -16,6 +16,11 @@ pub mod run;
 pub use devices::GpuSpec;
 pub use error::{ConfigError, ConfigErrors, EngineError, SourceLoc};
 pub use key::{CACHE_SCHEMA, KeyRecord};
-pub use kind::{InputPath, KindRegistry, ParamSpec, ParamType, StageContext, StageError, StageKind};
+pub use kind::{
+    InputPath, KindRegistry, ParamSpec, ParamType, StageContext, StageError, StageKind,
+};
 pub use pipeline::{InputRef, Overrides, Pipeline, Resources, Stage};
-pub use run::{Engine, Event, Explanation, Outcome, RunOptions, RunSummary, StageState, StageStatus, error_text};
+pub use run::{
+    Engine, Event, Explanation, Outcome, RunOptions, RunSummary, StageState, StageStatus,
+    error_text,
+};

@@ -31,10 +31,17 @@ pub struct Engine {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum StageState {
-    Cached { key: ActionKey },
-    WillRun { key: ActionKey, reasons: Vec<String> },
+    Cached {
+        key: ActionKey,
+    },
+    WillRun {
+        key: ActionKey,
+        reasons: Vec<String>,
+    },
     /// Its key is unknown until this upstream stage has run.
-    Waiting { on: String },
+    Waiting {
+        on: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -70,11 +77,28 @@ pub enum Outcome {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    Plan { pipeline: String, stages: usize },
-    Started { stage: String, kind: String, attempt: u32, devices: Option<Vec<u32>> },
-    Waiting { stage: String, holder: Option<LockHolder> },
-    Progress { stage: String, data: Value },
-    Warning { stage: Option<String>, message: String },
+    Plan {
+        pipeline: String,
+        stages: usize,
+    },
+    Started {
+        stage: String,
+        kind: String,
+        attempt: u32,
+        devices: Option<Vec<u32>>,
+    },
+    Waiting {
+        stage: String,
+        holder: Option<LockHolder>,
+    },
+    Progress {
+        stage: String,
+        data: Value,
+    },
+    Warning {
+        stage: Option<String>,
+        message: String,
+    },
     Finished {
         stage: String,
         outcome: Outcome,
@@ -142,7 +166,11 @@ enum Slot {
 impl Engine {
     pub fn new(cache: Cache, kinds: KindRegistry) -> Self {
         let files = FileHasher::open(cache.refs_dir().join("files.json"));
-        Self { cache, kinds, files }
+        Self {
+            cache,
+            kinds,
+            files,
+        }
     }
 
     pub fn cache(&self) -> &Cache {
@@ -161,7 +189,13 @@ impl Engine {
         let name: String = pipeline
             .name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         self.cache.refs_dir().join(format!("pipeline-{name}.json"))
     }
@@ -184,23 +218,40 @@ impl Engine {
     }
 
     /// The key record of stage `i`, or the upstream stage it waits on.
-    fn record(&self, pipeline: &Pipeline, i: usize, done: &dyn Fn(usize) -> Option<Manifest>) -> Result<Result<KeyRecord, usize>, EngineError> {
+    fn record<'m>(
+        &self,
+        pipeline: &Pipeline,
+        i: usize,
+        done: &dyn Fn(usize) -> Option<&'m Manifest>,
+    ) -> Result<Result<KeyRecord, usize>, EngineError> {
         let stage = &pipeline.stages[i];
-        let kind = self.kinds.get(&stage.kind).ok_or_else(|| EngineError::UnknownStage { id: stage.id.clone(), hint: None })?;
+        let kind = self
+            .kinds
+            .get(&stage.kind)
+            .ok_or_else(|| EngineError::UnknownStage {
+                id: stage.id.clone(),
+                hint: None,
+            })?;
         let mut inputs = BTreeMap::new();
         for (name, input) in &stage.inputs {
             let digest = match input {
                 InputRef::File(path) => self.files.digest(path)?,
                 InputRef::Stage { id, path } => {
                     let up = pipeline.position(id).unwrap_or(i);
-                    let Some(manifest) = done(up) else { return Ok(Err(up)) };
-                    manifest.digest_of(path).ok_or_else(|| missing_output(stage, name, id, path, &manifest))?
+                    let Some(manifest) = done(up) else {
+                        return Ok(Err(up));
+                    };
+                    manifest
+                        .digest_of(path)
+                        .ok_or_else(|| missing_output(stage, name, id, path, &manifest))?
                 }
                 InputRef::Group { ids, .. } => {
                     let mut members = Vec::new();
                     for id in ids {
                         let up = pipeline.position(id).unwrap_or(i);
-                        let Some(manifest) = done(up) else { return Ok(Err(up)) };
+                        let Some(manifest) = done(up) else {
+                            return Ok(Err(up));
+                        };
                         members.push((id.as_str(), manifest.tree));
                     }
                     group_digest(members)
@@ -218,15 +269,29 @@ impl Engine {
         }))
     }
 
-    fn reasons(&self, refs: &BTreeMap<String, ActionKey>, id: &str, record: &KeyRecord) -> Result<Vec<String>, EngineError> {
-        let Some(old_key) = refs.get(id) else { return Ok(vec!["never run".into()]) };
-        let Some(old) = self.cache.lookup(old_key)? else {
-            return Ok(vec![format!("its last result ({}) is no longer in the cache", old_key.short())]);
+    fn reasons(
+        &self,
+        refs: &BTreeMap<String, ActionKey>,
+        id: &str,
+        record: &KeyRecord,
+    ) -> Result<Vec<String>, EngineError> {
+        let Some(old_key) = refs.get(id) else {
+            return Ok(vec!["never run".into()]);
         };
-        let changes = serde_json::from_value::<KeyRecord>(old.record)
+        let Some(old) = self.cache.lookup(old_key)? else {
+            return Ok(vec![format!(
+                "its last result ({}) is no longer in the cache",
+                old_key.short()
+            )]);
+        };
+        let changes = serde_json::from_str::<KeyRecord>(old.record.get())
             .map(|old| record.changes_since(&old))
             .unwrap_or_else(|_| vec!["the last run's key record is unreadable".into()]);
-        Ok(if changes.is_empty() { vec!["not in the cache".into()] } else { changes })
+        Ok(if changes.is_empty() {
+            vec!["not in the cache".into()]
+        } else {
+            changes
+        })
     }
 
     /// The pipeline with every run-time fan-out expanded whose source is cached.
@@ -252,8 +317,10 @@ impl Engine {
                 states[i] = Some(StageState::Waiting { on: source.clone() });
                 continue;
             }
-            let state = match self.record(pipeline, i, &|j| manifests[j].clone())? {
-                Err(up) => StageState::Waiting { on: pipeline.stages[up].id.clone() },
+            let state = match self.record(pipeline, i, &|j| manifests[j].as_ref())? {
+                Err(up) => StageState::Waiting {
+                    on: pipeline.stages[up].id.clone(),
+                },
                 Ok(record) => {
                     let key = record.key();
                     match self.cache.lookup(&key)? {
@@ -261,7 +328,10 @@ impl Engine {
                             manifests[i] = Some(m);
                             StageState::Cached { key }
                         }
-                        None => StageState::WillRun { key, reasons: self.reasons(&refs, &stage.id, &record)? },
+                        None => StageState::WillRun {
+                            key,
+                            reasons: self.reasons(&refs, &stage.id, &record)?,
+                        },
                     }
                 }
             };
@@ -283,12 +353,17 @@ impl Engine {
     /// The key record of one stage and how it differs from the stage's last cached run.
     pub fn explain(&self, pipeline: &Pipeline, id: &str) -> Result<Explanation, EngineError> {
         let pipeline = &self.expanded(pipeline)?;
-        let i = pipeline.position(id).ok_or_else(|| EngineError::UnknownStage { id: id.into(), hint: pipeline.suggest_stage(id) })?;
+        let i = pipeline
+            .position(id)
+            .ok_or_else(|| EngineError::UnknownStage {
+                id: id.into(),
+                hint: pipeline.suggest_stage(id),
+            })?;
         let status = self.status_once(pipeline)?;
         let refs = self.read_refs(pipeline);
         let previous_key = refs.get(id).copied();
         let previous_record = match &previous_key {
-            Some(k) => self.cache.lookup(k)?.map(|m| m.record),
+            Some(k) => self.cache.lookup(k)?.map(|m| m.record_value()),
             None => None,
         };
         let mut manifests: HashMap<usize, Manifest> = HashMap::new();
@@ -299,9 +374,12 @@ impl Engine {
                 manifests.insert(j, m);
             }
         }
-        let (record, changes) = match self.record(pipeline, i, &|j| manifests.get(&j).cloned())? {
+        let (record, changes) = match self.record(pipeline, i, &|j| manifests.get(&j))? {
             Ok(record) => {
-                let changes = match previous_record.clone().map(serde_json::from_value::<KeyRecord>) {
+                let changes = match previous_record
+                    .clone()
+                    .map(serde_json::from_value::<KeyRecord>)
+                {
                     Some(Ok(old)) => record.changes_since(&old),
                     _ => Vec::new(),
                 };
@@ -319,13 +397,29 @@ impl Engine {
                 (partial, Vec::new())
             }
         };
-        Ok(Explanation { stage: id.into(), state: status[i].state.clone(), record, previous_key, previous_record, changes })
+        Ok(Explanation {
+            stage: id.into(),
+            state: status[i].state.clone(),
+            record,
+            previous_key,
+            previous_record,
+            changes,
+        })
     }
 
     /// The committed manifest of a stage, when its current key is cached.
-    pub fn cached_manifest(&self, pipeline: &Pipeline, id: &str) -> Result<Result<Manifest, StageState>, EngineError> {
+    pub fn cached_manifest(
+        &self,
+        pipeline: &Pipeline,
+        id: &str,
+    ) -> Result<Result<Manifest, StageState>, EngineError> {
         let pipeline = &self.expanded(pipeline)?;
-        let i = pipeline.position(id).ok_or_else(|| EngineError::UnknownStage { id: id.into(), hint: pipeline.suggest_stage(id) })?;
+        let i = pipeline
+            .position(id)
+            .ok_or_else(|| EngineError::UnknownStage {
+                id: id.into(),
+                hint: pipeline.suggest_stage(id),
+            })?;
         let status = self.status_once(pipeline)?;
         match &status[i].state {
             StageState::Cached { key } => match self.cache.lookup(key)? {
@@ -353,15 +447,27 @@ impl Engine {
 
     /// Runs every stage that is not cached, in parallel within the resource limits. Run-time
     /// fan-outs expand as soon as the stage they name has run, and the run goes on with them.
-    pub fn run(&self, pipeline: &Pipeline, options: &RunOptions, on_event: &(dyn Fn(Event) + Sync)) -> Result<RunSummary, EngineError> {
+    pub fn run(
+        &self,
+        pipeline: &Pipeline,
+        options: &RunOptions,
+        on_event: &(dyn Fn(Event) + Sync),
+    ) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
         let devices = options.gpus.resolve();
         let total_memory_mb = system_memory_mb();
         self.check_resources(pipeline, &devices, total_memory_mb, on_event)?;
-        on_event(Event::Plan { pipeline: pipeline.name.clone(), stages: pipeline.stages.len() });
+        on_event(Event::Plan {
+            pipeline: pipeline.name.clone(),
+            stages: pipeline.stages.len(),
+        });
         let refs_before = self.read_refs(pipeline);
         let mut pipeline = pipeline.clone();
-        let mut report = Report { seen: HashSet::new(), summary: RunSummary::default(), on_event };
+        let mut report = Report {
+            seen: HashSet::new(),
+            summary: RunSummary::default(),
+            on_event,
+        };
         let mut done;
         loop {
             let pass = self.run_pass(&pipeline, options, &devices, total_memory_mb, &mut report)?;
@@ -371,11 +477,17 @@ impl Engine {
             }
             let mut expanded = false;
             for (placeholder, source) in pipeline.fanout_placeholders() {
-                let Some(manifest) = &done[source] else { continue };
+                let Some(manifest) = &done[source] else {
+                    continue;
+                };
                 let id = pipeline.stages[placeholder].id.clone();
-                match self.read_fanout(&pipeline, placeholder, manifest).and_then(|children| {
-                    pipeline.expand_fanout(placeholder, &children).map_err(|m| fanout_error(&pipeline.stages[source].id, &id, m))
-                }) {
+                match self
+                    .read_fanout(&pipeline, placeholder, manifest)
+                    .and_then(|children| {
+                        pipeline
+                            .expand_fanout(placeholder, &children)
+                            .map_err(|m| fanout_error(&pipeline.stages[source].id, &id, m))
+                    }) {
                     Ok(()) => expanded = true,
                     Err(e) => {
                         report.finish(&id, Outcome::Failed, None, 0, Some(error_text(&e)), None);
@@ -408,39 +520,73 @@ impl Engine {
     }
 
     /// The children a run-time fan-out source listed in its `fanout.json`.
-    fn read_fanout(&self, pipeline: &Pipeline, placeholder: usize, manifest: &Manifest) -> Result<Vec<FanoutChild>, EngineError> {
-        let source = pipeline.stages[placeholder].fanout_from.clone().unwrap_or_default();
+    fn read_fanout(
+        &self,
+        pipeline: &Pipeline,
+        placeholder: usize,
+        manifest: &Manifest,
+    ) -> Result<Vec<FanoutChild>, EngineError> {
+        let source = pipeline.stages[placeholder]
+            .fanout_from
+            .clone()
+            .unwrap_or_default();
         let id = &pipeline.stages[placeholder].id;
         let path = self.cache.materialize(manifest)?.join(FANOUT_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| fanout_error(&source, id, format!("cannot read `{}`: {e}", path.display())))?;
-        let list: FanoutList = serde_json::from_slice(&bytes).map_err(|e| fanout_error(&source, id, format!("`{}` is not a fan-out list: {e}", path.display())))?;
+        let bytes = std::fs::read(&path).map_err(|e| {
+            fanout_error(
+                &source,
+                id,
+                format!("cannot read `{}`: {e}", path.display()),
+            )
+        })?;
+        let list: FanoutList = serde_json::from_slice(&bytes).map_err(|e| {
+            fanout_error(
+                &source,
+                id,
+                format!("`{}` is not a fan-out list: {e}", path.display()),
+            )
+        })?;
         Ok(list.children)
     }
 
     /// Expands every run-time fan-out whose source is cached, for `status` and `dag`.
     pub fn expand_cached_fanouts(&self, pipeline: &mut Pipeline) -> Result<(), EngineError> {
-        loop {
+        while !pipeline.fanout_placeholders().is_empty() {
             let mut expanded = false;
             let status = self.status_once(pipeline)?;
             for (placeholder, source) in pipeline.fanout_placeholders() {
-                let StageState::Cached { key } = &status[source].state else { continue };
-                let Some(manifest) = self.cache.lookup(key)? else { continue };
+                let StageState::Cached { key } = &status[source].state else {
+                    continue;
+                };
+                let Some(manifest) = self.cache.lookup(key)? else {
+                    continue;
+                };
                 let children = self.read_fanout(pipeline, placeholder, &manifest)?;
                 let source_id = pipeline.stages[source].id.clone();
                 let id = pipeline.stages[placeholder].id.clone();
-                pipeline.expand_fanout(placeholder, &children).map_err(|m| fanout_error(&source_id, &id, m))?;
+                pipeline
+                    .expand_fanout(placeholder, &children)
+                    .map_err(|m| fanout_error(&source_id, &id, m))?;
                 expanded = true;
                 break;
             }
             if !expanded {
-                return Ok(());
+                break;
             }
         }
+        Ok(())
     }
 
     /// One scheduling pass: runs what can run until nothing more can start. Fan-out
     /// placeholders, and what reads them, wait for the next pass.
-    fn run_pass(&self, pipeline: &Pipeline, options: &RunOptions, devices: &[u32], total_memory_mb: u64, report: &mut Report<'_>) -> Result<Pass, EngineError> {
+    fn run_pass(
+        &self,
+        pipeline: &Pipeline,
+        options: &RunOptions,
+        devices: &[u32],
+        total_memory_mb: u64,
+        report: &mut Report<'_>,
+    ) -> Result<Pass, EngineError> {
         let n = pipeline.stages.len();
         let jobs = options.jobs.max(1);
         let order = topological_order(pipeline);
@@ -456,7 +602,11 @@ impl Engine {
         let mut slots: Vec<Slot> = vec![Slot::Blocked; n];
         let mut attempts: Vec<u32> = vec![0; n];
         let mut ready: VecDeque<usize> = VecDeque::new();
-        let mut resolve: VecDeque<usize> = order.iter().copied().filter(|&i| waiting_on[i] == 0).collect();
+        let mut resolve: VecDeque<usize> = order
+            .iter()
+            .copied()
+            .filter(|&i| waiting_on[i] == 0)
+            .collect();
         let mut free_cpus = jobs;
         let mut free_gpus: Vec<u32> = devices.to_vec();
         let mut free_memory = total_memory_mb;
@@ -474,18 +624,27 @@ impl Engine {
             loop {
                 // Resolve keys of stages whose inputs are all known; cached ones finish at once.
                 while let Some(i) = resolve.pop_front() {
-                    if !matches!(slots[i], Slot::Blocked) || pipeline.stages[i].fanout_from.is_some() {
+                    if !matches!(slots[i], Slot::Blocked)
+                        || pipeline.stages[i].fanout_from.is_some()
+                    {
                         continue;
                     }
                     let record = match self.record(pipeline, i, &|j| match &slots[j] {
-                        Slot::Done(m) => Some(m.clone()),
+                        Slot::Done(m) => Some(m),
                         _ => None,
                     }) {
                         Ok(Ok(r)) => r,
                         Ok(Err(_)) => continue,
                         Err(e) => {
                             slots[i] = Slot::Failed;
-                            report.finish(&pipeline.stages[i].id, Outcome::Failed, None, 0, Some(error_text(&e)), None);
+                            report.finish(
+                                &pipeline.stages[i].id,
+                                Outcome::Failed,
+                                None,
+                                0,
+                                Some(error_text(&e)),
+                                None,
+                            );
                             skip_dependents(pipeline, i, &dependents, &mut slots, report);
                             stop_launching |= !options.keep_going;
                             continue;
@@ -494,7 +653,14 @@ impl Engine {
                     let key = record.key();
                     match self.cache.lookup(&key)? {
                         Some(m) => {
-                            report.finish(&pipeline.stages[i].id, Outcome::Cached, Some(key), 0, None, None);
+                            report.finish(
+                                &pipeline.stages[i].id,
+                                Outcome::Cached,
+                                Some(key),
+                                0,
+                                None,
+                                None,
+                            );
                             slots[i] = Slot::Done(m);
                             for &d in &dependents[i] {
                                 waiting_on[d] -= 1;
@@ -519,7 +685,11 @@ impl Engine {
                     while let Some(i) = ready.pop_front() {
                         let res = &pipeline.stages[i].resources;
                         let cpus = (res.cpus as usize).min(jobs);
-                        let gpus = if devices.is_empty() { 0 } else { res.gpus as usize };
+                        let gpus = if devices.is_empty() {
+                            0
+                        } else {
+                            res.gpus as usize
+                        };
                         let memory = res.memory_mb.unwrap_or(0).min(total_memory_mb);
                         if cpus > free_cpus || gpus > free_gpus.len() || memory > free_memory {
                             deferred.push_back(i);
@@ -529,31 +699,63 @@ impl Engine {
                         free_memory -= memory;
                         let granted: Vec<u32> = free_gpus.drain(..gpus).collect();
                         held.insert(i, (cpus, granted.clone(), memory));
-                        let Slot::Ready(record) = std::mem::replace(&mut slots[i], Slot::Running) else { continue };
+                        let Slot::Ready(record) = std::mem::replace(&mut slots[i], Slot::Running)
+                        else {
+                            continue;
+                        };
                         attempts[i] += 1;
                         let stage = &pipeline.stages[i];
-                        let device_list = if res.gpus > 0 && !devices.is_empty() { Some(granted) } else { None };
+                        let device_list = if res.gpus > 0 && !devices.is_empty() {
+                            Some(granted)
+                        } else {
+                            None
+                        };
                         if res.gpus > 0 && devices.is_empty() {
-                            (report.on_event)(Event::Warning { stage: Some(stage.id.clone()), message: format!("no GPU available: running `{}` on the CPU", stage.id) });
+                            (report.on_event)(Event::Warning {
+                                stage: Some(stage.id.clone()),
+                                message: format!(
+                                    "no GPU available: running `{}` on the CPU",
+                                    stage.id
+                                ),
+                            });
                         }
-                        (report.on_event)(Event::Started { stage: stage.id.clone(), kind: stage.kind.clone(), attempt: attempts[i], devices: device_list.clone() });
+                        (report.on_event)(Event::Started {
+                            stage: stage.id.clone(),
+                            kind: stage.kind.clone(),
+                            attempt: attempts[i],
+                            devices: device_list.clone(),
+                        });
                         let tx = tx.clone();
                         let commit_tx = commit_tx.clone();
                         let inputs = self.input_paths(pipeline, i, &slots)?;
                         let cancel = &options.cancel;
-                        scope.spawn(move || match self.execute(pipeline, i, record, inputs, device_list, cancel, &tx) {
-                            Ok((manifest, pending)) => {
-                                let _ = tx.send(Msg::Ran(i, manifest));
-                                let _ = commit_tx.send((i, pending));
-                            }
-                            Err(msg) => {
-                                let _ = tx.send(msg);
+                        scope.spawn(move || {
+                            match self.execute(
+                                pipeline,
+                                i,
+                                record,
+                                inputs,
+                                device_list,
+                                cancel,
+                                &tx,
+                            ) {
+                                Ok((manifest, pending)) => {
+                                    let _ = tx.send(Msg::Ran(i, manifest));
+                                    let _ = commit_tx.send((i, pending));
+                                }
+                                Err(msg) => {
+                                    let _ = tx.send(msg);
+                                }
                             }
                         });
                     }
                     ready = deferred;
                 }
-                if held.is_empty() && uncommitted == 0 && resolve.is_empty() && (ready.is_empty() || stop_launching) {
+                if held.is_empty()
+                    && uncommitted == 0
+                    && resolve.is_empty()
+                    && (ready.is_empty() || stop_launching)
+                {
                     break;
                 }
                 let msg = match rx.recv_timeout(Duration::from_millis(100)) {
@@ -562,12 +764,31 @@ impl Engine {
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 };
                 match msg {
-                    Msg::Waiting(i, holder) => (report.on_event)(Event::Waiting { stage: pipeline.stages[i].id.clone(), holder }),
-                    Msg::Progress(i, data) => (report.on_event)(Event::Progress { stage: pipeline.stages[i].id.clone(), data }),
+                    Msg::Waiting(i, holder) => (report.on_event)(Event::Waiting {
+                        stage: pipeline.stages[i].id.clone(),
+                        holder,
+                    }),
+                    Msg::Progress(i, data) => (report.on_event)(Event::Progress {
+                        stage: pipeline.stages[i].id.clone(),
+                        data,
+                    }),
                     Msg::Ran(i, manifest) => {
-                        release(&mut held, i, &mut free_cpus, &mut free_gpus, &mut free_memory);
+                        release(
+                            &mut held,
+                            i,
+                            &mut free_cpus,
+                            &mut free_gpus,
+                            &mut free_memory,
+                        );
                         uncommitted += 1;
-                        report.finish(&pipeline.stages[i].id, Outcome::Executed, Some(manifest.key), manifest.timings.duration_ms, None, None);
+                        report.finish(
+                            &pipeline.stages[i].id,
+                            Outcome::Executed,
+                            Some(manifest.key),
+                            manifest.timings.duration_ms,
+                            None,
+                            None,
+                        );
                         slots[i] = Slot::Done(manifest);
                         for &d in &dependents[i] {
                             waiting_on[d] -= 1;
@@ -577,8 +798,21 @@ impl Engine {
                         }
                     }
                     Msg::FoundCached(i, manifest) => {
-                        release(&mut held, i, &mut free_cpus, &mut free_gpus, &mut free_memory);
-                        report.finish(&pipeline.stages[i].id, Outcome::Cached, Some(manifest.key), 0, None, None);
+                        release(
+                            &mut held,
+                            i,
+                            &mut free_cpus,
+                            &mut free_gpus,
+                            &mut free_memory,
+                        );
+                        report.finish(
+                            &pipeline.stages[i].id,
+                            Outcome::Cached,
+                            Some(manifest.key),
+                            0,
+                            None,
+                            None,
+                        );
                         slots[i] = Slot::Done(manifest);
                         for &d in &dependents[i] {
                             waiting_on[d] -= 1;
@@ -590,16 +824,31 @@ impl Engine {
                     // Reported as executed when it ran; the run returns only once it is durable.
                     Msg::Committed(list) => uncommitted -= list.len(),
                     Msg::CommitFailed(message) => {
-                        return Err(EngineError::Resources { message: format!("could not commit to the cache: {message}"), hint: "check free space and permissions of the cache directory".into() });
+                        return Err(EngineError::Resources {
+                            message: format!("could not commit to the cache: {message}"),
+                            hint: "check free space and permissions of the cache directory".into(),
+                        });
                     }
                     Msg::Failed(i, error, log) => {
-                        release(&mut held, i, &mut free_cpus, &mut free_gpus, &mut free_memory);
+                        release(
+                            &mut held,
+                            i,
+                            &mut free_cpus,
+                            &mut free_gpus,
+                            &mut free_memory,
+                        );
                         let stage = &pipeline.stages[i];
                         let cancelled = options.cancel.load(Ordering::Relaxed);
                         if !cancelled && attempts[i] <= stage.retries {
-                            (report.on_event)(Event::Warning { stage: Some(stage.id.clone()), message: format!("attempt {} failed ({error}); retrying", attempts[i]) });
+                            (report.on_event)(Event::Warning {
+                                stage: Some(stage.id.clone()),
+                                message: format!(
+                                    "attempt {} failed ({error}); retrying",
+                                    attempts[i]
+                                ),
+                            });
                             if let Ok(Ok(record)) = self.record(pipeline, i, &|j| match &slots[j] {
-                                Slot::Done(m) => Some(m.clone()),
+                                Slot::Done(m) => Some(m),
                                 _ => None,
                             }) {
                                 slots[i] = Slot::Ready(record);
@@ -621,12 +870,21 @@ impl Engine {
         })?;
         let failed = slots.iter().any(|s| matches!(s, Slot::Failed));
         Ok(Pass {
-            done: slots.into_iter().map(|s| if let Slot::Done(m) = s { Some(m) } else { None }).collect(),
+            done: slots
+                .into_iter()
+                .map(|s| if let Slot::Done(m) = s { Some(m) } else { None })
+                .collect(),
             stopped: report.summary.interrupted || (failed && !options.keep_going),
         })
     }
 
-    fn check_resources(&self, pipeline: &Pipeline, devices: &[u32], memory_mb: u64, on_event: &(dyn Fn(Event) + Sync)) -> Result<(), EngineError> {
+    fn check_resources(
+        &self,
+        pipeline: &Pipeline,
+        devices: &[u32],
+        memory_mb: u64,
+        on_event: &(dyn Fn(Event) + Sync),
+    ) -> Result<(), EngineError> {
         for stage in &pipeline.stages {
             let r = &stage.resources;
             if r.gpus > 0 && devices.is_empty() && r.require_gpu {
@@ -637,36 +895,60 @@ impl Engine {
             }
             if r.gpus as usize > devices.len() && !devices.is_empty() {
                 return Err(EngineError::Resources {
-                    message: format!("stage `{}` needs {} GPUs but only {} are available ({:?})", stage.id, r.gpus, devices.len(), devices),
-                    hint: "lower `resources.gpus`, or make more devices visible with `--gpus`".into(),
+                    message: format!(
+                        "stage `{}` needs {} GPUs but only {} are available ({:?})",
+                        stage.id,
+                        r.gpus,
+                        devices.len(),
+                        devices
+                    ),
+                    hint: "lower `resources.gpus`, or make more devices visible with `--gpus`"
+                        .into(),
                 });
             }
             if let Some(m) = r.memory_mb
                 && m > memory_mb
             {
-                on_event(Event::Warning { stage: Some(stage.id.clone()), message: format!("needs {m} MB of memory but the machine has {memory_mb} MB") });
+                on_event(Event::Warning {
+                    stage: Some(stage.id.clone()),
+                    message: format!("needs {m} MB of memory but the machine has {memory_mb} MB"),
+                });
             }
         }
         Ok(())
     }
 
-    fn input_paths(&self, pipeline: &Pipeline, i: usize, slots: &[Slot]) -> Result<BTreeMap<String, InputPath>, EngineError> {
+    fn input_paths(
+        &self,
+        pipeline: &Pipeline,
+        i: usize,
+        slots: &[Slot],
+    ) -> Result<BTreeMap<String, InputPath>, EngineError> {
         let done = |id: &str| -> Result<PathBuf, EngineError> {
             let j = pipeline.position(id).unwrap_or(i);
             match &slots[j] {
                 Slot::Done(m) => Ok(self.cache.materialize(m)?),
-                _ => Err(EngineError::UnknownStage { id: id.into(), hint: None }),
+                _ => Err(EngineError::UnknownStage {
+                    id: id.into(),
+                    hint: None,
+                }),
             }
         };
         let mut inputs = BTreeMap::new();
         for (name, input) in &pipeline.stages[i].inputs {
             let path = match input {
-                InputRef::File(p) => InputPath::One(std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+                InputRef::File(p) => {
+                    InputPath::One(std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+                }
                 InputRef::Stage { id, path } => {
                     let dir = done(id)?;
                     InputPath::One(if path.is_empty() { dir } else { dir.join(path) })
                 }
-                InputRef::Group { ids, .. } => InputPath::Many(ids.iter().map(|id| Ok((id.clone(), done(id)?))).collect::<Result<_, EngineError>>()?),
+                InputRef::Group { ids, .. } => InputPath::Many(
+                    ids.iter()
+                        .map(|id| Ok((id.clone(), done(id)?)))
+                        .collect::<Result<_, EngineError>>()?,
+                ),
             };
             inputs.insert(name.clone(), path);
         }
@@ -705,7 +987,13 @@ impl Engine {
         let log_path = staging.join("log.txt");
         let kind = match self.kinds.get(&stage.kind) {
             Some(k) => k.clone(),
-            None => return Err(Msg::Failed(i, format!("unknown kind `{}`", stage.kind), None)),
+            None => {
+                return Err(Msg::Failed(
+                    i,
+                    format!("unknown kind `{}`", stage.kind),
+                    None,
+                ));
+            }
         };
         let progress = |data: Value| {
             let _ = tx.send(Msg::Progress(i, data));
@@ -725,7 +1013,9 @@ impl Engine {
             progress: &progress,
         };
         let t0 = Instant::now();
-        let started_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let started_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let result = kind.run(&ctx);
         let log = std::fs::read(&log_path).unwrap_or_default();
         match result {
@@ -736,15 +1026,24 @@ impl Engine {
                     "kind": stage.kind,
                     "result": result,
                 });
-                let timings = StageTimings { started_unix_ms, duration_ms: t0.elapsed().as_millis() as u64 };
-                let pending = self.cache.ingest(lock, &log, record.to_value(), metadata, timings).map_err(|e| fail(&e))?;
+                let timings = StageTimings {
+                    started_unix_ms,
+                    duration_ms: t0.elapsed().as_millis() as u64,
+                };
+                let pending = self
+                    .cache
+                    .ingest(lock, &log, record.to_value(), metadata, timings)
+                    .map_err(|e| fail(&e))?;
                 Ok((pending.manifest.clone(), pending))
             }
             Err(e) => {
                 let kept = self.keep_failed_log(&key, &log);
                 self.cache.abandon(lock);
                 let mut message = match &e {
-                    StageError::Failed { message, hint: Some(h) } => format!("{message} (hint: {h})"),
+                    StageError::Failed {
+                        message,
+                        hint: Some(h),
+                    } => format!("{message} (hint: {h})"),
                     other => other.to_string(),
                 };
                 let tail = log_tail(&log, 12);
@@ -781,7 +1080,15 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
-    fn finish(&mut self, stage: &str, outcome: Outcome, key: Option<ActionKey>, duration_ms: u64, error: Option<String>, log: Option<PathBuf>) {
+    fn finish(
+        &mut self,
+        stage: &str,
+        outcome: Outcome,
+        key: Option<ActionKey>,
+        duration_ms: u64,
+        error: Option<String>,
+        log: Option<PathBuf>,
+    ) {
         if !self.seen.insert(stage.to_string()) {
             return;
         }
@@ -791,16 +1098,36 @@ impl Report<'_> {
             Outcome::Failed => self.summary.failed += 1,
             Outcome::Skipped => self.summary.skipped += 1,
         }
-        (self.on_event)(Event::Finished { stage: stage.to_string(), outcome, key, duration_ms, error, log });
+        (self.on_event)(Event::Finished {
+            stage: stage.to_string(),
+            outcome,
+            key,
+            duration_ms,
+            error,
+            log,
+        });
     }
 }
 
-fn skip_dependents(pipeline: &Pipeline, i: usize, dependents: &[Vec<usize>], slots: &mut [Slot], report: &mut Report<'_>) {
+fn skip_dependents(
+    pipeline: &Pipeline,
+    i: usize,
+    dependents: &[Vec<usize>],
+    slots: &mut [Slot],
+    report: &mut Report<'_>,
+) {
     let mut stack = dependents[i].clone();
     while let Some(d) = stack.pop() {
         if matches!(slots[d], Slot::Blocked | Slot::Ready(_)) {
             slots[d] = Slot::Skipped;
-            report.finish(&pipeline.stages[d].id, Outcome::Skipped, None, 0, Some(format!("`{}` failed", pipeline.stages[i].id)), None);
+            report.finish(
+                &pipeline.stages[d].id,
+                Outcome::Skipped,
+                None,
+                0,
+                Some(format!("`{}` failed", pipeline.stages[i].id)),
+                None,
+            );
             stack.extend(dependents[d].iter().copied());
         }
     }
@@ -809,7 +1136,9 @@ fn skip_dependents(pipeline: &Pipeline, i: usize, dependents: &[Vec<usize>], slo
 fn fanout_error(source: &str, stage: &str, message: String) -> EngineError {
     EngineError::Resources {
         message: format!("cannot fan out `{stage}` from `{source}`: {message}"),
-        hint: format!("`{source}` must write `{FANOUT_FILE}` as {{\"children\": [{{\"id\": \"name\", \"params\": {{...}}}}]}}"),
+        hint: format!(
+            "`{source}` must write `{FANOUT_FILE}` as {{\"children\": [{{\"id\": \"name\", \"params\": {{...}}}}]}}"
+        ),
     }
 }
 
@@ -832,7 +1161,13 @@ fn committer(cache: &Cache, rx: mpsc::Receiver<(usize, PendingAction)>, tx: mpsc
     }
 }
 
-fn release(held: &mut HashMap<usize, (usize, Vec<u32>, u64)>, i: usize, cpus: &mut usize, gpus: &mut Vec<u32>, memory: &mut u64) {
+fn release(
+    held: &mut HashMap<usize, (usize, Vec<u32>, u64)>,
+    i: usize,
+    cpus: &mut usize,
+    gpus: &mut Vec<u32>,
+    memory: &mut u64,
+) {
     if let Some((c, g, m)) = held.remove(&i) {
         *cpus += c;
         gpus.extend(g);
@@ -841,11 +1176,32 @@ fn release(held: &mut HashMap<usize, (usize, Vec<u32>, u64)>, i: usize, cpus: &m
     }
 }
 
-fn missing_output(stage: &crate::pipeline::Stage, input: &str, upstream: &str, path: &str, manifest: &Manifest) -> EngineError {
-    let available: Vec<&str> = manifest.files.iter().map(|f| f.path.as_str()).take(10).collect();
+fn missing_output(
+    stage: &crate::pipeline::Stage,
+    input: &str,
+    upstream: &str,
+    path: &str,
+    manifest: &Manifest,
+) -> EngineError {
+    let available: Vec<&str> = manifest
+        .files
+        .iter()
+        .map(|f| f.path.as_str())
+        .take(10)
+        .collect();
     EngineError::Resources {
-        message: format!("input `{input}` of stage `{}` names `{upstream}/{path}`, but `{upstream}` produced no such output", stage.id),
-        hint: format!("`{upstream}` produced: {}", if available.is_empty() { "nothing".to_string() } else { available.join(", ") }),
+        message: format!(
+            "input `{input}` of stage `{}` names `{upstream}/{path}`, but `{upstream}` produced no such output",
+            stage.id
+        ),
+        hint: format!(
+            "`{upstream}` produced: {}",
+            if available.is_empty() {
+                "nothing".to_string()
+            } else {
+                available.join(", ")
+            }
+        ),
     }
 }
 

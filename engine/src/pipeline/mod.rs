@@ -107,7 +107,12 @@ pub struct Resources {
 
 impl Default for Resources {
     fn default() -> Self {
-        Self { cpus: 1, gpus: 0, memory_mb: None, require_gpu: false }
+        Self {
+            cpus: 1,
+            gpus: 0,
+            memory_mb: None,
+            require_gpu: false,
+        }
     }
 }
 
@@ -122,18 +127,35 @@ pub struct Overrides {
 
 impl Pipeline {
     /// Reads, overrides, expands and validates a pipeline file.
-    pub fn load(file: &Path, overrides: &Overrides, kinds: &KindRegistry) -> Result<Self, ConfigErrors> {
+    pub fn load(
+        file: &Path,
+        overrides: &Overrides,
+        kinds: &KindRegistry,
+    ) -> Result<Self, ConfigErrors> {
         let text = std::fs::read_to_string(file).map_err(|e| {
-            ConfigError::new(format!("cannot read pipeline file `{}`: {e}", file.display()), None)
-                .hint("check the path; pipelines live in `pipelines/`")
+            ConfigError::new(
+                format!("cannot read pipeline file `{}`: {e}", file.display()),
+                None,
+            )
+            .hint("check the path; pipelines live in `pipelines/`")
         })?;
         Self::parse(file, &text, overrides, kinds)
     }
 
     /// As [`Pipeline::load`], from text already read.
-    pub fn parse(file: &Path, text: &str, overrides: &Overrides, kinds: &KindRegistry) -> Result<Self, ConfigErrors> {
+    pub fn parse(
+        file: &Path,
+        text: &str,
+        overrides: &Overrides,
+        kinds: &KindRegistry,
+    ) -> Result<Self, ConfigErrors> {
         let raw: RawPipeline = serde_saphyr::from_str(text).map_err(|e| yaml_error(file, &e))?;
-        Loader { file, kinds, errors: Vec::new() }.build(raw, overrides)
+        Loader {
+            file,
+            kinds,
+            errors: Vec::new(),
+        }
+        .build(raw, overrides)
     }
 
     pub fn stage(&self, id: &str) -> Option<&Stage> {
@@ -180,12 +202,24 @@ impl Pipeline {
 
     /// Replaces a placeholder with one stage per child: the template's params with the child's
     /// laid over them. Stages that read the template now read the whole group.
-    pub fn expand_fanout(&mut self, placeholder: usize, children: &[FanoutChild]) -> Result<(), String> {
+    pub fn expand_fanout(
+        &mut self,
+        placeholder: usize,
+        children: &[FanoutChild],
+    ) -> Result<(), String> {
         let template = self.stages[placeholder].clone();
         let mut expanded = Vec::with_capacity(children.len());
         for child in children {
-            if child.id.is_empty() || !child.id.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
-                return Err(format!("child id `{}` may only use letters, digits, `_`, `-` and `.`", child.id));
+            if child.id.is_empty()
+                || !child
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            {
+                return Err(format!(
+                    "child id `{}` may only use letters, digits, `_`, `-` and `.`",
+                    child.id
+                ));
             }
             let mut stage = template.clone();
             stage.id = format!("{}[{}]", template.id, child.id);
@@ -194,21 +228,33 @@ impl Pipeline {
             for (k, v) in &child.params {
                 stage.params.insert(k.clone(), v.clone());
             }
-            if self.index.contains_key(&stage.id) || expanded.iter().any(|s: &Stage| s.id == stage.id) {
-                return Err(format!("child id `{}` is listed twice or collides with another stage", child.id));
+            if self.index.contains_key(&stage.id)
+                || expanded.iter().any(|s: &Stage| s.id == stage.id)
+            {
+                return Err(format!(
+                    "child id `{}` is listed twice or collides with another stage",
+                    child.id
+                ));
             }
             expanded.push(stage);
         }
         self.stages.splice(placeholder..=placeholder, expanded);
         self.reindex();
-        let members: Vec<String> = self.groups.get(&template.id).map(|g| g.iter().map(|&i| self.stages[i].id.clone()).collect()).unwrap_or_default();
+        let members: Vec<String> = self
+            .groups
+            .get(&template.id)
+            .map(|g| g.iter().map(|&i| self.stages[i].id.clone()).collect())
+            .unwrap_or_default();
         for stage in &mut self.stages {
             for input in stage.inputs.values_mut() {
                 if let InputRef::Stage { id, path } = input
                     && *id == template.id
                     && path.is_empty()
                 {
-                    *input = InputRef::Group { template: template.id.clone(), ids: members.clone() };
+                    *input = InputRef::Group {
+                        template: template.id.clone(),
+                        ids: members.clone(),
+                    };
                 }
             }
         }
@@ -216,7 +262,12 @@ impl Pipeline {
     }
 
     fn reindex(&mut self) {
-        self.index = self.stages.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect();
+        self.index = self
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.clone(), i))
+            .collect();
         self.groups = BTreeMap::new();
         for (i, s) in self.stages.iter().enumerate() {
             if let Some(g) = &s.group {
@@ -254,7 +305,11 @@ impl Loader<'_> {
             Some(r) => base_dir.join(&r.value),
             None => base_dir.to_path_buf(),
         };
-        let root = if root.as_os_str().is_empty() { PathBuf::from(".") } else { root };
+        let root = if root.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            root
+        };
         let mut params = self.declare_params(&raw.params);
         let stage_ids: Vec<&str> = raw.stages.iter().map(|s| s.id.value.as_str()).collect();
         let mut stage_overrides = StageOverrides::new();
@@ -264,7 +319,10 @@ impl Loader<'_> {
         for set in &overrides.sets {
             self.apply_set(set, &mut params, &stage_ids, &mut stage_overrides);
         }
-        let param_values: BTreeMap<String, Value> = params.iter().map(|(k, p)| (k.clone(), p.value.clone())).collect();
+        let param_values: BTreeMap<String, Value> = params
+            .iter()
+            .map(|(k, p)| (k.clone(), p.value.clone()))
+            .collect();
         let mut global_env = Vec::new();
         for name in &raw.env {
             global_env.push(name.value.clone());
@@ -277,24 +335,42 @@ impl Loader<'_> {
             let loc = self.loc(&rs.id.referenced);
             if !valid_id(&rs.id.value) {
                 self.err(
-                    ConfigError::new(format!("stage id `{}` has characters ids may not use", rs.id.value), Some(loc.clone()))
-                        .hint("use letters, digits, `_` and `-`"),
+                    ConfigError::new(
+                        format!("stage id `{}` has characters ids may not use", rs.id.value),
+                        Some(loc.clone()),
+                    )
+                    .hint("use letters, digits, `_` and `-`"),
                 );
                 continue;
             }
             if let Some(first) = first_seen.get(&rs.id.value) {
                 self.err(
-                    ConfigError::new(format!("duplicate stage id `{}`", rs.id.value), Some(loc.clone()))
-                        .hint(format!("the first `{}` is at {first}; give each stage its own id", rs.id.value)),
+                    ConfigError::new(
+                        format!("duplicate stage id `{}`", rs.id.value),
+                        Some(loc.clone()),
+                    )
+                    .hint(format!(
+                        "the first `{}` is at {first}; give each stage its own id",
+                        rs.id.value
+                    )),
                 );
                 continue;
             }
             first_seen.insert(rs.id.value.clone(), loc.clone());
-            let expanded = self.expand(rs, &param_values, stage_overrides.get(&rs.id.value), &global_env, &root);
+            let expanded = self.expand(
+                rs,
+                &param_values,
+                stage_overrides.get(&rs.id.value),
+                &global_env,
+                &root,
+            );
             let is_group = rs.matrix.is_some() || rs.foreach.is_some();
             for stage in expanded {
                 if is_group {
-                    groups.entry(rs.id.value.clone()).or_default().push(stages.len());
+                    groups
+                        .entry(rs.id.value.clone())
+                        .or_default()
+                        .push(stages.len());
                 }
                 stages.push(stage);
             }
@@ -305,8 +381,11 @@ impl Loader<'_> {
             if let Some(prev) = index.insert(s.id.clone(), i) {
                 let first = stages[prev].location.clone();
                 self.err(
-                    ConfigError::new(format!("duplicate stage id `{}` after fan-out", s.id), Some(s.location.clone()))
-                        .hint(format!("it collides with the stage at {first}")),
+                    ConfigError::new(
+                        format!("duplicate stage id `{}` after fan-out", s.id),
+                        Some(s.location.clone()),
+                    )
+                    .hint(format!("it collides with the stage at {first}")),
                 );
             }
         }
@@ -331,46 +410,85 @@ impl Loader<'_> {
         Err(ConfigErrors(self.errors))
     }
 
-    fn declare_params(&mut self, raw: &BTreeMap<String, Spanned<Value>>) -> BTreeMap<String, Param> {
+    fn declare_params(
+        &mut self,
+        raw: &BTreeMap<String, Spanned<Value>>,
+    ) -> BTreeMap<String, Param> {
         let mut params = BTreeMap::new();
         for (name, spanned) in raw {
             let loc = self.loc(&spanned.referenced);
             let spec = match &spanned.value {
-                Value::Object(map) if map.contains_key("type") || map.contains_key("default") => map,
+                Value::Object(map) if map.contains_key("type") || map.contains_key("default") => {
+                    map
+                }
                 value => {
-                    params.insert(name.clone(), Param { ty: ParamType::of(value), value: value.clone(), help: None });
+                    params.insert(
+                        name.clone(),
+                        Param {
+                            ty: ParamType::of(value),
+                            value: value.clone(),
+                            help: None,
+                        },
+                    );
                     continue;
                 }
             };
             for key in spec.keys() {
                 if !["type", "default", "help"].contains(&key.as_str()) {
                     self.err(
-                        ConfigError::new(format!("unknown field `{key}` in the declaration of param `{name}`"), Some(loc.clone()))
-                            .hint(suggest("fields", key, ["type", "default", "help"])),
+                        ConfigError::new(
+                            format!("unknown field `{key}` in the declaration of param `{name}`"),
+                            Some(loc.clone()),
+                        )
+                        .hint(suggest(
+                            "fields",
+                            key,
+                            ["type", "default", "help"],
+                        )),
                     );
                 }
             }
             let ty = match spec.get("type") {
-                None => spec.get("default").map(ParamType::of).unwrap_or(ParamType::Any),
+                None => spec
+                    .get("default")
+                    .map(ParamType::of)
+                    .unwrap_or(ParamType::Any),
                 Some(Value::String(t)) => match ParamType::parse(t) {
                     Some(ty) => ty,
                     None => {
                         self.err(
-                            ConfigError::new(format!("unknown type `{t}` for param `{name}`"), Some(loc.clone()))
-                                .hint(suggest("types", t, ParamType::NAMES)),
+                            ConfigError::new(
+                                format!("unknown type `{t}` for param `{name}`"),
+                                Some(loc.clone()),
+                            )
+                            .hint(suggest(
+                                "types",
+                                t,
+                                ParamType::NAMES,
+                            )),
                         );
                         continue;
                     }
                 },
                 Some(other) => {
-                    self.err(ConfigError::new(format!("the type of param `{name}` must be a name, not `{other}`"), Some(loc.clone()))
-                        .hint(known_list("types", ParamType::NAMES)));
+                    self.err(
+                        ConfigError::new(
+                            format!("the type of param `{name}` must be a name, not `{other}`"),
+                            Some(loc.clone()),
+                        )
+                        .hint(known_list("types", ParamType::NAMES)),
+                    );
                     continue;
                 }
             };
             let value = spec.get("default").cloned().unwrap_or(Value::Null);
             if !value.is_null() && !ty.accepts(&value) {
-                self.err(wrong_type(&format!("param `{name}`"), ty, &value, Some(loc.clone())));
+                self.err(wrong_type(
+                    &format!("param `{name}`"),
+                    ty,
+                    &value,
+                    Some(loc.clone()),
+                ));
                 continue;
             }
             let help = spec.get("help").and_then(Value::as_str).map(str::to_string);
@@ -379,7 +497,14 @@ impl Loader<'_> {
         params
     }
 
-    fn set_param(&mut self, params: &mut BTreeMap<String, Param>, name: &str, value: Value, loc: SourceLoc, raw_text: Option<&str>) {
+    fn set_param(
+        &mut self,
+        params: &mut BTreeMap<String, Param>,
+        name: &str,
+        value: Value,
+        loc: SourceLoc,
+        raw_text: Option<&str>,
+    ) {
         let Some(param) = params.get_mut(name) else {
             let hint = suggest("params", name, params.keys().map(String::as_str));
             self.err(ConfigError::new(format!("unknown param `{name}`"), Some(loc)).hint(hint));
@@ -391,17 +516,31 @@ impl Loader<'_> {
             _ => value,
         };
         if !param.ty.accepts(&value) {
-            self.err(wrong_type(&format!("param `{name}`"), param.ty, &value, Some(loc)));
+            self.err(wrong_type(
+                &format!("param `{name}`"),
+                param.ty,
+                &value,
+                Some(loc),
+            ));
             return;
         }
         param.value = value;
     }
 
-    fn apply_overlay(&mut self, path: &Path, params: &mut BTreeMap<String, Param>, stage_ids: &[&str], stages: &mut StageOverrides) {
+    fn apply_overlay(
+        &mut self,
+        path: &Path,
+        params: &mut BTreeMap<String, Param>,
+        stage_ids: &[&str],
+        stages: &mut StageOverrides,
+    ) {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
-                self.err(ConfigError::new(format!("cannot read overlay file `{}`: {e}", path.display()), None));
+                self.err(ConfigError::new(
+                    format!("cannot read overlay file `{}`: {e}", path.display()),
+                    None,
+                ));
                 return;
             }
         };
@@ -412,9 +551,19 @@ impl Loader<'_> {
                 return;
             }
         };
-        let overlay_loc = |l: &Location| SourceLoc::File { path: path.to_path_buf(), line: l.line(), column: l.column() };
+        let overlay_loc = |l: &Location| SourceLoc::File {
+            path: path.to_path_buf(),
+            line: l.line(),
+            column: l.column(),
+        };
         for (name, value) in overlay.params {
-            self.set_param(params, &name, value.value, overlay_loc(&value.referenced), None);
+            self.set_param(
+                params,
+                &name,
+                value.value,
+                overlay_loc(&value.referenced),
+                None,
+            );
         }
         for (stage, o) in overlay.stages {
             if !stage_ids.contains(&stage.as_str()) {
@@ -426,29 +575,52 @@ impl Loader<'_> {
                 continue;
             }
             for (name, value) in o.params {
-                stages.entry(stage.clone()).or_default().insert(name, (value.value, overlay_loc(&value.referenced)));
+                stages
+                    .entry(stage.clone())
+                    .or_default()
+                    .insert(name, (value.value, overlay_loc(&value.referenced)));
             }
         }
     }
 
-    fn apply_set(&mut self, set: &str, params: &mut BTreeMap<String, Param>, stage_ids: &[&str], stages: &mut StageOverrides) {
+    fn apply_set(
+        &mut self,
+        set: &str,
+        params: &mut BTreeMap<String, Param>,
+        stage_ids: &[&str],
+        stages: &mut StageOverrides,
+    ) {
         let loc = SourceLoc::CommandLine(set.to_string());
         let Some((key, text)) = set.split_once('=') else {
-            self.err(ConfigError::new(format!("`--set {set}` has no `=`"), Some(loc)).hint("write `--set name=value` or `--set stage.param=value`"));
+            self.err(
+                ConfigError::new(format!("`--set {set}` has no `=`"), Some(loc))
+                    .hint("write `--set name=value` or `--set stage.param=value`"),
+            );
             return;
         };
-        let value: Value = serde_saphyr::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()));
+        let value: Value =
+            serde_saphyr::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()));
         match key.split_once('.') {
             None => self.set_param(params, key, value, loc, Some(text)),
             Some((stage, name)) => {
                 if !stage_ids.contains(&stage) {
                     self.err(
-                        ConfigError::new(format!("`--set` names unknown stage `{stage}`"), Some(loc))
-                            .hint(suggest("stages", stage, stage_ids.iter().copied())),
+                        ConfigError::new(
+                            format!("`--set` names unknown stage `{stage}`"),
+                            Some(loc),
+                        )
+                        .hint(suggest(
+                            "stages",
+                            stage,
+                            stage_ids.iter().copied(),
+                        )),
                     );
                     return;
                 }
-                stages.entry(stage.to_string()).or_default().insert(name.to_string(), (value, loc));
+                stages
+                    .entry(stage.to_string())
+                    .or_default()
+                    .insert(name.to_string(), (value, loc));
             }
         }
     }
@@ -465,7 +637,13 @@ impl Loader<'_> {
         let combos: Vec<Vec<(String, Value)>> = match (&rs.matrix, &rs.foreach) {
             (Some(_), Some(f)) => {
                 let loc = self.loc(&f.referenced);
-                self.err(ConfigError::new(format!("stage `{}` has both `matrix` and `foreach`", rs.id.value), Some(loc)).hint("use one: `foreach` is a matrix with the single axis `item`"));
+                self.err(
+                    ConfigError::new(
+                        format!("stage `{}` has both `matrix` and `foreach`", rs.id.value),
+                        Some(loc),
+                    )
+                    .hint("use one: `foreach` is a matrix with the single axis `item`"),
+                );
                 return Vec::new();
             }
             (Some(m), None) => {
@@ -473,30 +651,55 @@ impl Loader<'_> {
                 for (axis, values) in &m.value {
                     if values.is_empty() {
                         let loc = self.loc(&m.referenced);
-                        self.err(ConfigError::new(format!("matrix axis `{axis}` of stage `{}` is empty", rs.id.value), Some(loc)).hint("give each axis at least one value"));
+                        self.err(
+                            ConfigError::new(
+                                format!("matrix axis `{axis}` of stage `{}` is empty", rs.id.value),
+                                Some(loc),
+                            )
+                            .hint("give each axis at least one value"),
+                        );
                         return Vec::new();
                     }
                     combos = combos
                         .into_iter()
-                        .flat_map(|c| values.iter().map(move |v| [c.clone(), vec![(axis.clone(), v.clone())]].concat()))
+                        .flat_map(|c| {
+                            values
+                                .iter()
+                                .map(move |v| [c.clone(), vec![(axis.clone(), v.clone())]].concat())
+                        })
                         .collect();
                 }
                 combos
             }
-            (None, Some(f)) => f.value.iter().map(|v| vec![("item".to_string(), v.clone())]).collect(),
+            (None, Some(f)) => f
+                .value
+                .iter()
+                .map(|v| vec![("item".to_string(), v.clone())])
+                .collect(),
             (None, None) => vec![Vec::new()],
         };
         let fanned = rs.matrix.is_some() || rs.foreach.is_some();
         if let (true, Some(f)) = (fanned, &rs.fanout) {
             let loc = self.loc(&f.referenced);
-            self.err(ConfigError::new(format!("stage `{}` has both a static fan-out (`matrix`/`foreach`) and `fanout`", rs.id.value), Some(loc)).hint("use one kind of fan-out per stage"));
+            self.err(
+                ConfigError::new(
+                    format!(
+                        "stage `{}` has both a static fan-out (`matrix`/`foreach`) and `fanout`",
+                        rs.id.value
+                    ),
+                    Some(loc),
+                )
+                .hint("use one kind of fan-out per stage"),
+            );
             return Vec::new();
         }
         let kind = rs.kind.value.clone();
         let Some(kind_impl) = self.kinds.get(&kind).cloned() else {
             let loc = self.loc(&rs.kind.referenced);
             let hint = suggest("stage kinds", &kind, self.kinds.names());
-            self.err(ConfigError::new(format!("unknown stage kind `{kind}`"), Some(loc)).hint(hint));
+            self.err(
+                ConfigError::new(format!("unknown stage kind `{kind}`"), Some(loc)).hint(hint),
+            );
             return Vec::new();
         };
         let stage_loc = self.loc(&rs.id.referenced);
@@ -508,7 +711,11 @@ impl Loader<'_> {
             } else {
                 rs.id.value.clone()
             };
-            let ctx = Interp { params, matrix: &combo, fanned };
+            let ctx = Interp {
+                params,
+                matrix: &combo,
+                fanned,
+            };
             let mut stage_params = Map::new();
             let mut param_locs: BTreeMap<String, SourceLoc> = BTreeMap::new();
             for (name, value) in &rs.params {
@@ -521,7 +728,10 @@ impl Loader<'_> {
             }
             if let Some(outputs) = &rs.outputs {
                 param_locs.insert("outputs".into(), self.loc(&outputs.referenced));
-                stage_params.insert("outputs".into(), outputs.value.iter().cloned().map(Value::String).collect());
+                stage_params.insert(
+                    "outputs".into(),
+                    outputs.value.iter().cloned().map(Value::String).collect(),
+                );
             }
             if (rs.cmd.is_some() || rs.outputs.is_some()) && kind != "command" {
                 self.err(ConfigError::new(format!("stage `{id}`: `cmd` and `outputs` belong to `command` stages, not `{kind}`"), Some(stage_loc.clone())).hint("put this kind's settings under `params:`"));
@@ -535,7 +745,10 @@ impl Loader<'_> {
             // Interpolate, then type-check against the kind.
             let mut resolved = Map::new();
             for (name, value) in stage_params {
-                let loc = param_locs.get(&name).cloned().unwrap_or_else(|| stage_loc.clone());
+                let loc = param_locs
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or_else(|| stage_loc.clone());
                 match ctx.value(&value) {
                     Ok(v) => {
                         resolved.insert(name, v);
@@ -549,33 +762,71 @@ impl Loader<'_> {
             }
             let specs = kind_impl.params();
             for (name, value) in &resolved {
-                let loc = param_locs.get(name).cloned().unwrap_or_else(|| stage_loc.clone());
+                let loc = param_locs
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| stage_loc.clone());
                 match specs.iter().find(|s| s.name == name) {
                     Some(spec) if !spec.ty.accepts(value) => {
-                        self.err(wrong_type(&format!("param `{name}` of stage `{id}`"), spec.ty, value, Some(loc)));
+                        self.err(wrong_type(
+                            &format!("param `{name}` of stage `{id}`"),
+                            spec.ty,
+                            value,
+                            Some(loc),
+                        ));
                     }
                     Some(_) => {}
                     None if kind_impl.open_params() => {}
                     None => {
-                        let hint = suggest(&format!("params of `{kind}`"), name, specs.iter().map(|s| s.name));
-                        self.err(ConfigError::new(format!("unknown param `{name}` for a `{kind}` stage"), Some(loc)).hint(hint));
+                        let hint = suggest(
+                            &format!("params of `{kind}`"),
+                            name,
+                            specs.iter().map(|s| s.name),
+                        );
+                        self.err(
+                            ConfigError::new(
+                                format!("unknown param `{name}` for a `{kind}` stage"),
+                                Some(loc),
+                            )
+                            .hint(hint),
+                        );
                     }
                 }
             }
-            for spec in specs.iter().filter(|s| s.required && !resolved.contains_key(s.name)) {
+            for spec in specs
+                .iter()
+                .filter(|s| s.required && !resolved.contains_key(s.name))
+            {
                 self.err(
-                    ConfigError::new(format!("stage `{id}` is missing the required param `{}`", spec.name), Some(stage_loc.clone()))
-                        .hint(format!("`{}` ({}): {}", spec.name, spec.ty.name(), spec.help)),
+                    ConfigError::new(
+                        format!("stage `{id}` is missing the required param `{}`", spec.name),
+                        Some(stage_loc.clone()),
+                    )
+                    .hint(format!(
+                        "`{}` ({}): {}",
+                        spec.name,
+                        spec.ty.name(),
+                        spec.help
+                    )),
                 );
             }
             if let Err(message) = kind_impl.check(&resolved) {
-                self.err(ConfigError::new(format!("stage `{id}`: {message}"), Some(stage_loc.clone())));
+                self.err(ConfigError::new(
+                    format!("stage `{id}`: {message}"),
+                    Some(stage_loc.clone()),
+                ));
             }
             let mut inputs = BTreeMap::new();
             for (name, spanned) in &rs.inputs {
                 let loc = self.loc(&spanned.referenced);
                 if !valid_input_name(name) {
-                    self.err(ConfigError::new(format!("input name `{name}` of stage `{id}` is not a valid name"), Some(loc.clone())).hint("use letters, digits and `_`; it becomes an env variable"));
+                    self.err(
+                        ConfigError::new(
+                            format!("input name `{name}` of stage `{id}` is not a valid name"),
+                            Some(loc.clone()),
+                        )
+                        .hint("use letters, digits and `_`; it becomes an env variable"),
+                    );
                 }
                 match ctx.string(&spanned.value) {
                     Ok(text) => {
@@ -587,7 +838,11 @@ impl Loader<'_> {
             }
             let resources = self.resources(rs, &id);
             let mut env = BTreeMap::new();
-            for name in global_env.iter().cloned().chain(rs.env.iter().map(|e| e.value.clone())) {
+            for name in global_env
+                .iter()
+                .cloned()
+                .chain(rs.env.iter().map(|e| e.value.clone()))
+            {
                 let value = std::env::var(&name).unwrap_or_default();
                 env.insert(name, value);
             }
@@ -612,17 +867,21 @@ impl Loader<'_> {
     }
 
     fn resources(&mut self, rs: &RawStage, id: &str) -> Resources {
-        let Some(r) = &rs.resources else { return Resources::default() };
+        let Some(r) = &rs.resources else {
+            return Resources::default();
+        };
         let memory_mb = match &r.memory {
             None => None,
-            Some(m) => match parse_memory(&m.value) {
-                Some(mb) => Some(mb),
-                None => {
-                    let loc = self.loc(&m.referenced);
-                    self.err(ConfigError::new(format!("stage `{id}`: cannot read memory `{}`", m.value), Some(loc)).hint("give megabytes as a number, or a string such as `512MiB` or `2GiB`"));
-                    None
+            Some(m) => {
+                match parse_memory(&m.value) {
+                    Some(mb) => Some(mb),
+                    None => {
+                        let loc = self.loc(&m.referenced);
+                        self.err(ConfigError::new(format!("stage `{id}`: cannot read memory `{}`", m.value), Some(loc)).hint("give megabytes as a number, or a string such as `512MiB` or `2GiB`"));
+                        None
+                    }
                 }
-            },
+            }
         };
         Resources {
             cpus: r.cpus.unwrap_or(1).max(1),
@@ -633,15 +892,33 @@ impl Loader<'_> {
     }
 
     /// Turns input texts into references now that every stage id is known.
-    fn resolve_inputs(&mut self, stages: &mut [Stage], index: &HashMap<String, usize>, groups: &BTreeMap<String, Vec<usize>>) {
+    fn resolve_inputs(
+        &mut self,
+        stages: &mut [Stage],
+        index: &HashMap<String, usize>,
+        groups: &BTreeMap<String, Vec<usize>>,
+    ) {
         let ids: Vec<String> = stages.iter().map(|s| s.id.clone()).collect();
-        let known: Vec<&str> = ids.iter().map(String::as_str).chain(groups.keys().map(String::as_str)).collect();
+        let known: Vec<&str> = ids
+            .iter()
+            .map(String::as_str)
+            .chain(groups.keys().map(String::as_str))
+            .collect();
         for stage in stages.iter_mut() {
             if let Some(src) = &stage.fanout_from
                 && !index.contains_key(src)
             {
                 let hint = suggest("stages", src, known.iter().copied());
-                self.errors.push(ConfigError::new(format!("`fanout` of stage `{}` names unknown stage `{src}`", stage.id), Some(stage.location.clone())).hint(hint));
+                self.errors.push(
+                    ConfigError::new(
+                        format!(
+                            "`fanout` of stage `{}` names unknown stage `{src}`",
+                            stage.id
+                        ),
+                        Some(stage.location.clone()),
+                    )
+                    .hint(hint),
+                );
             }
             for (name, input) in stage.inputs.iter_mut() {
                 let InputRef::Stage { id: text, .. } = input else {
@@ -650,8 +927,15 @@ impl Loader<'_> {
                     {
                         let loc = stage.location.clone();
                         self.errors.push(
-                            ConfigError::new(format!("input `{name}` of stage `{}`: file `{}` does not exist", stage.id, p.display()), Some(loc))
-                                .hint("file inputs are relative to the pipeline's `root`"),
+                            ConfigError::new(
+                                format!(
+                                    "input `{name}` of stage `{}`: file `{}` does not exist",
+                                    stage.id,
+                                    p.display()
+                                ),
+                                Some(loc),
+                            )
+                            .hint("file inputs are relative to the pipeline's `root`"),
                         );
                     }
                     continue;
@@ -660,14 +944,26 @@ impl Loader<'_> {
                 let (target, sub) = (target.to_string(), sub.trim_matches('/').to_string());
                 let target = target.as_str();
                 if index.contains_key(target) {
-                    *input = InputRef::Stage { id: target.to_string(), path: sub };
+                    *input = InputRef::Stage {
+                        id: target.to_string(),
+                        path: sub,
+                    };
                 } else if let Some(members) = groups.get(target) {
-                    *input = InputRef::Group { template: target.to_string(), ids: members.iter().map(|&i| ids[i].clone()).collect() };
+                    *input = InputRef::Group {
+                        template: target.to_string(),
+                        ids: members.iter().map(|&i| ids[i].clone()).collect(),
+                    };
                 } else {
                     let hint = suggest("stages", target, known.iter().copied());
                     self.errors.push(
-                        ConfigError::new(format!("input `{name}` of stage `{}` refers to unknown stage `{target}`", stage.id), Some(stage.location.clone()))
-                            .hint(format!("{hint} (a file input is written `file:PATH`)")),
+                        ConfigError::new(
+                            format!(
+                                "input `{name}` of stage `{}` refers to unknown stage `{target}`",
+                                stage.id
+                            ),
+                            Some(stage.location.clone()),
+                        )
+                        .hint(format!("{hint} (a file input is written `file:PATH`)")),
                     );
                 }
             }
@@ -678,7 +974,9 @@ impl Loader<'_> {
 /// The stage id at the start of a reference (`id`, `id/path`, `fan[a,b]/path`) and the path.
 fn split_ref(text: &str) -> (&str, &str) {
     let end = match text.find('[') {
-        Some(open) => text[open..].find(']').map_or(text.len(), |close| open + close + 1),
+        Some(open) => text[open..]
+            .find(']')
+            .map_or(text.len(), |close| open + close + 1),
         None => text.find('/').unwrap_or(text.len()),
     };
     text.split_at(end)
@@ -687,12 +985,18 @@ fn split_ref(text: &str) -> (&str, &str) {
 fn pending_input(text: &str, root: &Path) -> InputRef {
     match text.strip_prefix("file:") {
         Some(path) => InputRef::File(root.join(path)),
-        None => InputRef::Stage { id: text.to_string(), path: String::new() },
+        None => InputRef::Stage {
+            id: text.to_string(),
+            path: String::new(),
+        },
     }
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 fn valid_input_name(name: &str) -> bool {
@@ -712,7 +1016,9 @@ fn parse_memory(v: &Value) -> Option<u64> {
         Value::Number(n) => n.as_u64(),
         Value::String(s) => {
             let s = s.trim();
-            let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+            let split = s
+                .find(|c: char| !c.is_ascii_digit() && c != '.')
+                .unwrap_or(s.len());
             let (num, unit) = s.split_at(split);
             let num: f64 = num.parse().ok()?;
             let factor = match unit.trim().to_ascii_lowercase().as_str() {
@@ -729,16 +1035,27 @@ fn parse_memory(v: &Value) -> Option<u64> {
 }
 
 fn wrong_type(what: &str, ty: ParamType, value: &Value, loc: Option<SourceLoc>) -> ConfigError {
-    ConfigError::new(format!("{what} expects {}, got {} `{value}`", ty.name(), ParamType::of(value).name()), loc)
-        .hint(match ty {
-            ParamType::Int | ParamType::Any => format!("give an {} value", ty.name()),
-            _ => format!("give a {} value", ty.name()),
-        })
+    ConfigError::new(
+        format!(
+            "{what} expects {}, got {} `{value}`",
+            ty.name(),
+            ParamType::of(value).name()
+        ),
+        loc,
+    )
+    .hint(match ty {
+        ParamType::Int | ParamType::Any => format!("give an {} value", ty.name()),
+        _ => format!("give a {} value", ty.name()),
+    })
 }
 
 /// Turns a serde-saphyr error into ours, with its location and a hint.
 fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigErrors {
-    let location = e.location().map(|l| SourceLoc::File { path: file.to_path_buf(), line: l.line(), column: l.column() });
+    let location = e.location().map(|l| SourceLoc::File {
+        path: file.to_path_buf(),
+        line: l.line(),
+        column: l.column(),
+    });
     let message = e.without_snippet().to_string();
     let message = message.lines().next().unwrap_or("invalid YAML").trim();
     // The location is shown on its own line; don't repeat it in the message.
@@ -759,7 +1076,10 @@ fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigErrors {
             .filter(|f| !f.is_empty())
             .collect();
         error.message = format!("unknown field `{field}`");
-        error = error.hint(did_you_mean(field, expected.iter().copied()).unwrap_or_else(|| known_list("fields", expected.iter().copied())));
+        error = error.hint(
+            did_you_mean(field, expected.iter().copied())
+                .unwrap_or_else(|| known_list("fields", expected.iter().copied())),
+        );
     } else if message.contains("missing field") {
         error = error.hint("see the pipeline format in the README");
     } else {
@@ -780,7 +1100,10 @@ struct InterpError(ConfigError);
 
 impl InterpError {
     fn at(self, loc: SourceLoc) -> ConfigError {
-        ConfigError { location: Some(loc), ..self.0 }
+        ConfigError {
+            location: Some(loc),
+            ..self.0
+        }
     }
 }
 
@@ -788,18 +1111,42 @@ impl Interp<'_> {
     fn lookup(&self, expr: &str) -> Option<Result<Value, InterpError>> {
         if let Some(name) = expr.strip_prefix("params.") {
             return Some(self.params.get(name).cloned().ok_or_else(|| {
-                InterpError(ConfigError::new(format!("`${{{expr}}}` refers to unknown param `{name}`"), None).hint(suggest("params", name, self.params.keys().map(String::as_str))))
+                InterpError(
+                    ConfigError::new(
+                        format!("`${{{expr}}}` refers to unknown param `{name}`"),
+                        None,
+                    )
+                    .hint(suggest(
+                        "params",
+                        name,
+                        self.params.keys().map(String::as_str),
+                    )),
+                )
             }));
         }
-        let axis = expr.strip_prefix("matrix.").or((expr == "item").then_some("item"))?;
-        Some(self.matrix.iter().find(|(a, _)| a == axis).map(|(_, v)| v.clone()).ok_or_else(|| {
-            let hint = if self.fanned {
-                suggest("axes", axis, self.matrix.iter().map(|(a, _)| a.as_str()))
-            } else {
-                "this stage has no `matrix` or `foreach`".to_string()
-            };
-            InterpError(ConfigError::new(format!("`${{{expr}}}` refers to unknown fan-out axis `{axis}`"), None).hint(hint))
-        }))
+        let axis = expr
+            .strip_prefix("matrix.")
+            .or((expr == "item").then_some("item"))?;
+        Some(
+            self.matrix
+                .iter()
+                .find(|(a, _)| a == axis)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| {
+                    let hint = if self.fanned {
+                        suggest("axes", axis, self.matrix.iter().map(|(a, _)| a.as_str()))
+                    } else {
+                        "this stage has no `matrix` or `foreach`".to_string()
+                    };
+                    InterpError(
+                        ConfigError::new(
+                            format!("`${{{expr}}}` refers to unknown fan-out axis `{axis}`"),
+                            None,
+                        )
+                        .hint(hint),
+                    )
+                }),
+        )
     }
 
     fn value(&self, v: &Value) -> Result<Value, InterpError> {
@@ -814,8 +1161,17 @@ impl Interp<'_> {
                 }
                 Value::String(self.string(s)?)
             }
-            Value::Array(items) => Value::Array(items.iter().map(|i| self.value(i)).collect::<Result<_, _>>()?),
-            Value::Object(map) => Value::Object(map.iter().map(|(k, v)| Ok((k.clone(), self.value(v)?))).collect::<Result<_, _>>()?),
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|i| self.value(i))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| Ok((k.clone(), self.value(v)?)))
+                    .collect::<Result<_, _>>()?,
+            ),
             other => other.clone(),
         })
     }
