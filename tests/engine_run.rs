@@ -157,10 +157,7 @@ stages:
     child.kill().expect("SIGKILL");
     let _ = child.wait();
     let ls = stdout_of(&ws, &["--json", "cache", "ls"]);
-    assert!(
-        ls.contains("\"quick\""),
-        // `quick` may or may not be committed when the kill comes; `slow` must not be.
-    );
+    // `quick` may or may not be committed when the kill comes; `slow` must not be.
     assert!(
         !ls.contains("\"slow\""),
         "no entry for the killed stage: {ls}"
