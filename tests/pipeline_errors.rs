@@ -97,16 +97,27 @@ fn duplicate_id_points_at_both() {
 
 #[test]
 fn yaml_syntax_error_has_a_location() {
-    assert_bad("yaml_syntax", "name: p\nstages:\n  - id: a\n    kind: [command\n", &[]);
+    assert_bad(
+        "yaml_syntax",
+        "name: p\nstages:\n  - id: a\n    kind: [command\n",
+        &[],
+    );
 }
 
 #[test]
 fn missing_required_param() {
-    assert_bad("missing_cmd", "name: p\nstages:\n  - id: a\n    kind: command\n", &[]);
+    assert_bad(
+        "missing_cmd",
+        "name: p\nstages:\n  - id: a\n    kind: command\n",
+        &[],
+    );
 }
 
 #[test]
 fn a_good_pipeline_is_not_an_error() {
-    let (code, text) = check("name: p\nstages:\n  - id: a\n    kind: command\n    cmd: \"true\"\n", &[]);
+    let (code, text) = check(
+        "name: p\nstages:\n  - id: a\n    kind: command\n    cmd: \"true\"\n",
+        &[],
+    );
     assert_eq!(code, Some(0), "{text}");
 }

@@ -13,7 +13,9 @@ pub struct Workspace {
 
 impl Workspace {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().expect("tempdir") }
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -36,7 +38,10 @@ impl Workspace {
     /// The binary with this workspace's cache, run in the workspace.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_autoscale"));
-        cmd.args(args).current_dir(self.path()).env("AUTOSCALE_CACHE_DIR", self.cache()).env_remove("CUDA_VISIBLE_DEVICES");
+        cmd.args(args)
+            .current_dir(self.path())
+            .env("AUTOSCALE_CACHE_DIR", self.cache())
+            .env_remove("CUDA_VISIBLE_DEVICES");
         cmd
     }
 
@@ -54,7 +59,10 @@ impl Workspace {
 }
 
 pub fn events(out: &Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Stage ids with the given outcome, sorted.
