@@ -515,6 +515,9 @@ def resolve_params(args, environ):
             k = k.replace("-", "_")
             if k in SCALARS or k in ("tokens", "weights"):
                 json_layer[k] = v
+        # A DDO fan-out child carries both; its token quantities are what it means.
+        if "tokens" in json_layer:
+            json_layer.pop("weights", None)
     cli_layer = {}
     for k in SCALARS + ("tokens", "weights"):
         v = getattr(args, k, None)
@@ -671,7 +674,7 @@ def main(argv=None):
     ap.add_argument("--out", help="output directory (default $AUTOSCALE_OUT)")
     ap.add_argument("--tokens", help='JSON object (or file) of training tokens per domain: \'{"books": 20000}\'')
     ap.add_argument("--weights", help="JSON object (or file) of mixture weights; needs --total-tokens")
-    ap.add_argument("--total-tokens", type=int, dest="total_tokens")
+    ap.add_argument("--total-tokens", type=float, dest="total_tokens")
     ap.add_argument("--order", type=int, help="n-gram order (default 5 for byte, 3 for word)")
     ap.add_argument("--seed", type=int, help="training-draw seed (default 0)")
     ap.add_argument("--val-docs", type=int, dest="val_docs", help="max held-out docs per domain (default 50)")

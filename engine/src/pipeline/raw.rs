@@ -18,6 +18,10 @@ pub(crate) struct RawPipeline {
     /// Env variables every stage's key depends on.
     #[serde(default)]
     pub env: Vec<Spanned<String>>,
+    /// YAML anchors to reuse in stages (`<<: *name`); ignored otherwise.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub templates: Option<serde::de::IgnoredAny>,
     pub stages: Vec<RawStage>,
 }
 
