@@ -499,3 +499,49 @@ fn cache_gc_keeps_what_a_pipeline_references() {
     assert_eq!(with_outcome(&events, "cached").len(), 4);
     assert_eq!(ws.run(&["cache", "verify"]).status.code(), Some(0));
 }
+
+#[test]
+fn ctrl_c_stops_the_children_caches_nothing_half_done_and_the_next_run_resumes() {
+    let ws = Workspace::new();
+    let marker = ws.path().join("slow");
+    let pidfile = ws.path().join("child.pid");
+    std::fs::write(&marker, "").expect("marker");
+    ws.write(
+        "p.yaml",
+        &format!(
+            "name: int\nstages:\n  - id: slow\n    kind: command\n    cmd: \"echo $$ > {p}; if [ -f {m} ]; then sleep 60; fi; echo ok > $AUTOSCALE_OUT/r\"\n",
+            p = pidfile.display(),
+            m = marker.display()
+        ),
+    );
+    let mut child = ws
+        .cmd(&["run", "p.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pidfile.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stage_pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("the stage started")
+        .trim()
+        .parse()
+        .expect("pid");
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    // The stage's shell is gone (its process group got SIGTERM).
+    let alive = std::path::Path::new(&format!("/proc/{stage_pid}")).exists();
+    assert!(!alive, "the stage's process was stopped");
+    std::fs::remove_file(&marker).expect("rm marker");
+    let (code, events) = ws.run_json(&["p.yaml"]);
+    assert_eq!(code, 0);
+    assert_eq!(with_outcome(&events, "executed"), ["slow"]);
+}

@@ -975,6 +975,7 @@ impl Engine {
         let lock = match self.cache.try_lock(&key, &label).map_err(|e| fail(&e))? {
             Ok(lock) => lock,
             Err(holder) => {
+                tracing::info!(stage = %stage.id, ?holder, "waiting for another process holding the key");
                 let _ = tx.send(Msg::Waiting(i, holder));
                 self.cache.lock(&key, &label).map_err(|e| fail(&e))?
             }
@@ -983,6 +984,7 @@ impl Engine {
             return Err(Msg::FoundCached(i, m));
         }
         let staging = self.cache.staging(&lock).map_err(|e| fail(&e))?;
+        tracing::debug!(stage = %stage.id, key = %key.short(), staging = %staging.display(), "running");
         let scratch = self.cache.scratch_dir(&key).map_err(|e| fail(&e))?;
         let log_path = staging.join("log.txt");
         let kind = match self.kinds.get(&stage.kind) {
@@ -1149,8 +1151,14 @@ fn committer(cache: &Cache, rx: mpsc::Receiver<(usize, PendingAction)>, tx: mpsc
             batch.push(more);
         }
         let ids: Vec<usize> = batch.iter().map(|(i, _)| *i).collect();
+        let started = Instant::now();
         match cache.commit(batch.into_iter().map(|(_, p)| p).collect()) {
             Ok(_) => {
+                tracing::debug!(
+                    stages = ids.len(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "committed a batch"
+                );
                 let _ = tx.send(Msg::Committed(ids));
             }
             Err(e) => {
