@@ -11,6 +11,7 @@ use autoscale_mixture::{
     DdoOptions, MixError, MixtureWeights, Objective, PlanOptions, ScaleComposition, Target,
 };
 use autoscale_stages::{BaselineError, BaselineMethod, BaselineRequest, baseline_weights};
+use clap::builder::PossibleValuesParser;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
@@ -110,8 +111,11 @@ struct PlanArgs {
 
 #[derive(Debug, Args)]
 struct BaselineArgs {
-    #[arg(value_enum)]
-    method: MethodArg,
+    /// uniform: 1/m each; natural: in proportion to the tokens available; llama: LLaMA-1's
+    /// RedPajama proportions; unimax: as uniform as the epoch cap allows; temperature: natural
+    /// proportions to the power 1/T; explicit: the weights you give.
+    #[arg(value_name = "METHOD", value_parser = PossibleValuesParser::new(BaselineMethod::NAMES))]
+    method: String,
     /// The domains to weight (uniform, llama; checks the others).
     #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
     domains: Vec<String>,
@@ -133,35 +137,6 @@ struct BaselineArgs {
     /// The weights (explicit), renormalised.
     #[arg(long, value_name = "DOMAIN=WEIGHT,...", value_delimiter = ',', value_parser = parse_named_number)]
     weights: Vec<(String, f64)>,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum MethodArg {
-    /// 1/m each.
-    Uniform,
-    /// In proportion to the tokens available.
-    Natural,
-    /// LLaMA-1's RedPajama proportions.
-    Llama,
-    /// As uniform as the epoch cap allows (Chung et al. 2023).
-    Unimax,
-    /// Natural proportions to the power 1/T.
-    Temperature,
-    /// The weights you give.
-    Explicit,
-}
-
-impl From<MethodArg> for BaselineMethod {
-    fn from(m: MethodArg) -> Self {
-        match m {
-            MethodArg::Uniform => Self::Uniform,
-            MethodArg::Natural => Self::Natural,
-            MethodArg::Llama => Self::Llama,
-            MethodArg::Unimax => Self::Unimax,
-            MethodArg::Temperature => Self::Temperature,
-            MethodArg::Explicit => Self::Explicit,
-        }
-    }
 }
 
 pub fn run(args: MixArgs, json: bool) -> Result<u8, Failure> {
@@ -265,7 +240,12 @@ fn plan(args: PlanArgs, json: bool) -> Result<u8, Failure> {
 }
 
 fn baseline(args: BaselineArgs, json: bool) -> Result<u8, Failure> {
-    let method = BaselineMethod::from(args.method);
+    let method = BaselineMethod::parse(&args.method).ok_or_else(|| {
+        Failure::usage(
+            format!("unknown baseline `{}`", args.method),
+            format!("choose one of {}", BaselineMethod::NAMES.join(", ")),
+        )
+    })?;
     let request = BaselineRequest {
         domains: (!args.domains.is_empty()).then_some(args.domains),
         available: named_map("--available", args.available)?,

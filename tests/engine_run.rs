@@ -514,7 +514,7 @@ fn ctrl_c_stops_the_children_caches_nothing_half_done_and_the_next_run_resumes()
             m = marker.display()
         ),
     );
-    let mut child = ws
+    let child = ws
         .cmd(&["run", "p.yaml"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

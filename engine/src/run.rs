@@ -243,7 +243,7 @@ impl Engine {
                     };
                     manifest
                         .digest_of(path)
-                        .ok_or_else(|| missing_output(stage, name, id, path, &manifest))?
+                        .ok_or_else(|| missing_output(stage, name, id, path, manifest))?
                 }
                 InputRef::Group { ids, .. } => {
                     let mut members = Vec::new();

@@ -2,6 +2,7 @@
 //! schedules or caches anything: that is the engine's job.
 
 mod command;
+mod mixture_kinds;
 
 use std::sync::Arc;
 
@@ -10,10 +11,18 @@ use autoscale_engine::KindRegistry;
 use autoscale_engine::StageKind;
 
 pub use command::CommandKind;
+pub use mixture_kinds::{
+    BaselineError, BaselineMethod, BaselineRequest, DdoKind, DdoPlanFile, DdoPlanKind, MixtureKind,
+    PredictKind, baseline_weights,
+};
 
 /// Every built-in kind, ready to hand to the engine.
 pub fn builtin_kinds() -> KindRegistry {
     let mut kinds = KindRegistry::new();
     kinds.register(Arc::new(CommandKind));
+    kinds.register(Arc::new(DdoPlanKind));
+    kinds.register(Arc::new(DdoKind));
+    kinds.register(Arc::new(PredictKind));
+    kinds.register(Arc::new(MixtureKind));
     kinds
 }
