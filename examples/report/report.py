@@ -99,17 +99,21 @@ def main():
         mean, sd = s["mean_loss"]
         md.append(f"| {s['name']} | {len(s['seeds'])} | {fmt(mean, sd)} | {fmt(*s['mean_ppl'], digits=3)} | {fmt(*s['worst_ppl'], digits=2)} |")
     if "predict" in summary:
-        auto = summary["predict"]["mean_loss"][0]
-        md += ["", "## AutoScale against each baseline", ""]
+        auto = summary["predict"]
+        md += ["", "## AutoScale against each baseline", "",
+               "On DDO's objective (mean per-domain perplexity) and on mean per-domain loss; "
+               "negative is better for AutoScale.", ""]
         for key, s in sorted(summary.items()):
             if key == "predict":
                 continue
-            delta = auto - s["mean_loss"][0]
-            verdict = "better" if delta < 0 else "worse"
-            md.append(f"- vs {s['name']}: mean loss {delta:+.4f} nats ({verdict}), perplexity {100 * (math.exp(delta) - 1):+.2f}%")
-        noise = [sd for s in summary.values() for sd in [s["mean_loss"][1]] if sd is not None]
+            dppl = auto["mean_ppl"][0] - s["mean_ppl"][0]
+            dloss = auto["mean_loss"][0] - s["mean_loss"][0]
+            verdict = "better" if dppl < 0 else "worse"
+            md.append(f"- vs {s['name']}: mean ppl {dppl:+.3f} ({100 * dppl / s['mean_ppl'][0]:+.2f}%, {verdict}); "
+                      f"mean loss {dloss:+.4f} nats; worst ppl {auto['worst_ppl'][0] - s['worst_ppl'][0]:+.2f}")
+        noise = [s["mean_ppl"][1] for s in summary.values() if s["mean_ppl"][1] is not None]
         if noise:
-            md.append(f"- seed noise (sd of mean loss across seeds): up to {max(noise):.4f} nats")
+            md.append(f"- seed noise (sd across seeds of mean ppl): up to {max(noise):.3f}")
         md.append("- speed-up in steps to reach AutoScale's loss: not applicable to the n-gram proxy, which has no training steps")
     md += ["", "## Per-domain validation loss (mean over seeds)", "",
            "| domain | " + " | ".join(s["name"] for s in summary.values()) + " |", "|---|" + "---|" * len(summary)]
