@@ -17,6 +17,16 @@ pub struct Cli {
     /// More logging (-v: info, -vv: debug); also lists cached stages in `run`.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    // --- remote cache (issue 7) ---
+    /// A team's remote cache: `s3://bucket/prefix`, `file:///shared/path` or a directory
+    /// [else $AUTOSCALE_REMOTE, else `[remote] url` in ./autoscale.toml or the pipeline root's].
+    #[arg(long, global = true, value_name = "URL")]
+    pub remote: Option<String>,
+    /// How the remote cache is used [else $AUTOSCALE_REMOTE_MODE, else autoscale.toml;
+    /// default: read-write when a remote is named].
+    #[arg(long, global = true, value_enum, value_name = "MODE")]
+    pub remote_mode: Option<RemoteModeArg>,
+    // --- end remote cache ---
     #[command(subcommand)]
     pub command: Command,
 }
@@ -40,7 +50,22 @@ pub enum Command {
     Cache(CacheCommand),
     /// Mixture math (DDO, the AutoScale predictor, baselines) on results from any trainer.
     Mix(crate::mix::MixArgs),
+    // --- torch (issue 4) ---
+    /// Check the libtorch setup: torch version, CUDA devices seen, where libtorch was found.
+    Doctor,
+    /// Run one training or evaluation job (the `train` and `eval` kinds start this).
+    #[command(hide = true)]
+    InternalTrain(InternalTrainArgs),
+    // --- end torch ---
 }
+
+// --- torch (issue 4) ---
+#[derive(Debug, Args)]
+pub struct InternalTrainArgs {
+    /// The job file the `train` or `eval` kind wrote.
+    pub job: PathBuf,
+}
+// --- end torch ---
 
 #[derive(Debug, Args)]
 pub struct PipelineArgs {
@@ -80,6 +105,27 @@ pub struct StageArgs {
     pub stage: String,
 }
 
+/// `--remote-mode`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RemoteModeArg {
+    /// Download remote hits; upload nothing.
+    ReadOnly,
+    /// Download remote hits and upload what runs here.
+    ReadWrite,
+    /// Ignore the remote cache.
+    Off,
+}
+
+impl From<RemoteModeArg> for autoscale_cache::RemoteMode {
+    fn from(mode: RemoteModeArg) -> Self {
+        match mode {
+            RemoteModeArg::ReadOnly => Self::ReadOnly,
+            RemoteModeArg::ReadWrite => Self::ReadWrite,
+            RemoteModeArg::Off => Self::Off,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DagFormat {
     Dot,
@@ -102,6 +148,22 @@ pub enum CacheCommand {
     Verify,
     /// Remove what the given pipelines do not reference, and cap the size.
     Gc(GcArgs),
+    /// Upload local results to the remote cache: all of them, or what the pipelines reference.
+    Push(PushArgs),
+    /// Download from the remote cache what a pipeline references, or everything it holds.
+    Pull(PullArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Push only what these pipelines reference now (none given: every local result).
+    pub pipelines: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Pull only what this pipeline references (none given: every remote result).
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

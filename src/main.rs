@@ -4,18 +4,28 @@
 mod cli;
 mod mix;
 mod render;
+// --- torch (issue 4): train/eval kinds, `doctor`, `internal-train` ---
+mod torch;
+// --- end torch ---
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use autoscale_cache::{ActionKey, Cache, GcOptions};
-use autoscale_engine::{Engine, GpuSpec, Overrides, Pipeline, RunOptions, StageState};
+use autoscale_cache::{ActionKey, Cache, GcOptions, Remote, RemoteConfig, RemoteError};
+use autoscale_engine::{
+    Engine, Event, GpuSpec, KindRegistry, Overrides, Pipeline, RunOptions, StageState,
+};
 use clap::Parser;
 
 use cli::{CacheCommand, Cli, Command, DagFormat, PipelineArgs};
 use render::{Failure, Reporter};
+
+// Parsing and planning thousands of stages is allocation-bound; mimalloc makes a no-op run of
+// 1,000 stages about 15% faster (BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Exit statuses, documented in the README.
 pub mod exit {
@@ -48,34 +58,113 @@ fn default_cache_dir() -> PathBuf {
     }
 }
 
-fn open_engine(cache_dir: Option<PathBuf>) -> Result<Engine, Failure> {
-    let dir = cache_dir.unwrap_or_else(default_cache_dir);
-    let cache = Cache::open(&dir).map_err(|e| {
+/// The global flags that say where the cache is and which remote stands behind it.
+struct CacheArgs {
+    dir: Option<PathBuf>,
+    remote: Option<String>,
+    remote_mode: Option<autoscale_cache::RemoteMode>,
+}
+
+fn open_engine(args: &CacheArgs) -> Result<Engine, Failure> {
+    open_engine_at(args, None, torch::stage_kinds())
+}
+
+/// Opens the cache, with the remote cache that the flags, the environment, `./autoscale.toml`
+/// or `<pipeline root>/autoscale.toml` name (the first that sets a field wins).
+fn open_engine_at(
+    args: &CacheArgs,
+    pipeline_root: Option<&Path>,
+    kinds: KindRegistry,
+) -> Result<Engine, Failure> {
+    let dir = args.dir.clone().unwrap_or_else(default_cache_dir);
+    let mut cache = Cache::open(&dir).map_err(|e| {
         Failure::runtime(e).hint(format!(
             "the cache is at `{}`; set --cache-dir or AUTOSCALE_CACHE_DIR",
             dir.display()
         ))
     })?;
-    Ok(Engine::new(cache, autoscale_stages::builtin_kinds()))
+    let config = remote_config(args, pipeline_root).map_err(remote_failure)?;
+    if let Some(remote) = Remote::open(&config).map_err(remote_failure)? {
+        tracing::info!(remote = %remote.location(), mode = %remote.mode(), origin = ?config.origin, "remote cache");
+        cache = cache.with_remote(remote);
+    }
+    Ok(Engine::new(cache, kinds))
 }
 
-fn load(engine: &Engine, args: &PipelineArgs) -> Result<Pipeline, Failure> {
-    let overrides = Overrides {
+fn remote_config(
+    args: &CacheArgs,
+    pipeline_root: Option<&Path>,
+) -> Result<RemoteConfig, RemoteError> {
+    let flags = RemoteConfig {
+        origin: args.remote.as_ref().map(|_| "--remote".to_string()),
+        url: args.remote.clone(),
+        mode: args.remote_mode,
+        ..Default::default()
+    };
+    let mut config = flags.or(RemoteConfig::from_env()?);
+    let mut seen = Vec::new();
+    let cwd = std::env::current_dir().unwrap_or_default();
+    for dir in std::iter::once(cwd.as_path()).chain(pipeline_root) {
+        let file = std::path::absolute(dir.join(autoscale_cache::remote::CONFIG_FILE))
+            .unwrap_or_else(|_| dir.join(autoscale_cache::remote::CONFIG_FILE));
+        let canonical = file.canonicalize().unwrap_or_else(|_| file.clone());
+        if seen.contains(&canonical) {
+            continue;
+        }
+        if let Some(layer) = RemoteConfig::from_file(&file)? {
+            config = config.or(layer);
+        }
+        seen.push(canonical);
+    }
+    Ok(config)
+}
+
+fn remote_failure(e: RemoteError) -> Failure {
+    let hint = e.hint();
+    match hint {
+        Some(hint) => Failure::usage(autoscale_engine::error_text(&e), hint),
+        None => Failure::runtime(e),
+    }
+}
+
+/// Loads the pipeline, then opens the engine: the pipeline's root may hold `autoscale.toml`.
+fn open_with_pipeline(args: &CacheArgs, p: &PipelineArgs) -> Result<(Engine, Pipeline), Failure> {
+    let kinds = torch::stage_kinds();
+    let pipeline = Pipeline::load(&p.file, &overrides(p), &kinds).map_err(Failure::Config)?;
+    let engine = open_engine_at(args, Some(&pipeline.root), kinds)?;
+    Ok((engine, pipeline))
+}
+
+fn overrides(args: &PipelineArgs) -> Overrides {
+    Overrides {
         overlays: args.with.clone(),
         sets: args.set.clone(),
-    };
-    engine.load(&args.file, &overrides).map_err(Failure::Config)
+    }
 }
 
 fn dispatch(cli: Cli) -> Result<u8, Failure> {
     let json = cli.json;
-    match cli.command {
+    let cache_args = CacheArgs {
+        dir: cli.cache_dir,
+        remote: cli.remote,
+        remote_mode: cli.remote_mode.map(Into::into),
+    };
+    dispatch_command(cli.command, &cache_args, json, cli.verbose)
+}
+
+fn dispatch_command(
+    command: Command,
+    cache_args: &CacheArgs,
+    json: bool,
+    verbose: u8,
+) -> Result<u8, Failure> {
+    match command {
         Command::Run(args) => {
-            let engine = open_engine(cli.cache_dir)?;
-            let pipeline = load(&engine, &args.pipeline)?;
+            let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
             if args.dry_run {
                 let status = engine.status(&pipeline).map_err(Failure::engine)?;
                 render::print_status(&pipeline, &status, json);
+                render::print_remote_warnings(&engine.cache().take_remote_warnings());
                 return Ok(exit::OK);
             }
             let gpus = match &args.gpus {
@@ -101,10 +190,22 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
                 keep_going: args.keep_going,
                 cancel,
             };
-            let reporter = Reporter::new(json, cli.verbose, pipeline.stages.len());
-            let summary = engine
-                .run(&pipeline, &options, &|e| reporter.event(e))
-                .map_err(Failure::engine)?;
+            let reporter = Reporter::new(json, verbose, pipeline.stages.len());
+            // Remote problems (down, slow, a bad entry) are shown as warnings as they happen.
+            let remote_warnings = || {
+                for w in engine.cache().take_remote_warnings() {
+                    reporter.event(Event::Warning {
+                        stage: None,
+                        message: format!("remote cache: {w}"),
+                    });
+                }
+            };
+            let result = engine.run(&pipeline, &options, &|e| {
+                reporter.event(e);
+                remote_warnings();
+            });
+            remote_warnings();
+            let summary = result.map_err(Failure::engine)?;
             reporter.finish(&summary);
             Ok(if summary.interrupted {
                 exit::INTERRUPTED
@@ -115,28 +216,25 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
             })
         }
         Command::Status(args) => {
-            let engine = open_engine(cli.cache_dir)?;
-            let pipeline = load(&engine, &args)?;
-            let status = engine.status(&pipeline).map_err(Failure::engine)?;
+            let (engine, pipeline) = open_with_pipeline(cache_args, &args)?;
+            let status = engine.status(&pipeline);
+            render::print_remote_warnings(&engine.cache().take_remote_warnings());
+            let status = status.map_err(Failure::engine)?;
             render::print_status(&pipeline, &status, json);
             Ok(exit::OK)
         }
         Command::Explain(args) => {
-            let engine = open_engine(cli.cache_dir)?;
-            let pipeline = load(&engine, &args.pipeline)?;
-            let explanation = engine
-                .explain(&pipeline, &args.stage)
-                .map_err(Failure::engine)?;
-            render::print_explanation(&explanation, json);
+            let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
+            let explanation = engine.explain(&pipeline, &args.stage);
+            render::print_remote_warnings(&engine.cache().take_remote_warnings());
+            render::print_explanation(&explanation.map_err(Failure::engine)?, json);
             Ok(exit::OK)
         }
         Command::Show(args) => {
-            let engine = open_engine(cli.cache_dir)?;
-            let pipeline = load(&engine, &args.pipeline)?;
-            match engine
-                .cached_manifest(&pipeline, &args.stage)
-                .map_err(Failure::engine)?
-            {
+            let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
+            let found = engine.cached_manifest(&pipeline, &args.stage);
+            render::print_remote_warnings(&engine.cache().take_remote_warnings());
+            match found.map_err(Failure::engine)? {
                 Ok(manifest) => {
                     let dir = engine.cache().output_dir(&manifest.key);
                     let log = manifest.log.and_then(|d| engine.cache().read_blob(&d).ok());
@@ -162,10 +260,8 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
             }
         }
         Command::Dag(args) => {
-            let engine = open_engine(cli.cache_dir)?;
-            let pipeline = engine
-                .expanded(&load(&engine, &args.pipeline)?)
-                .map_err(Failure::engine)?;
+            let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
+            let pipeline = engine.expanded(&pipeline).map_err(Failure::engine)?;
             let text = match args.format {
                 DagFormat::Dot => autoscale_engine::graph::to_dot(&pipeline),
                 DagFormat::Mermaid => autoscale_engine::graph::to_mermaid(&pipeline),
@@ -174,17 +270,27 @@ fn dispatch(cli: Cli) -> Result<u8, Failure> {
             Ok(exit::OK)
         }
         Command::Kinds => {
-            let engine = open_engine(cli.cache_dir)?;
+            let engine = open_engine(cache_args)?;
             render::print_kinds(engine.kinds(), json);
             Ok(exit::OK)
         }
-        Command::Cache(cmd) => cache_command(cmd, cli.cache_dir, json),
+        Command::Cache(cmd) => cache_command(cmd, cache_args, json),
         Command::Mix(args) => mix::run(args, json),
+        // --- torch (issue 4) ---
+        Command::Doctor => torch::doctor(json),
+        Command::InternalTrain(args) => torch::internal_train(&args.job),
+        // --- end torch ---
     }
 }
 
-fn cache_command(cmd: CacheCommand, cache_dir: Option<PathBuf>, json: bool) -> Result<u8, Failure> {
-    let engine = open_engine(cache_dir)?;
+fn cache_command(cmd: CacheCommand, cache_args: &CacheArgs, json: bool) -> Result<u8, Failure> {
+    if let CacheCommand::Push(args) = &cmd {
+        return cache_push(&args.pipelines, cache_args, json);
+    }
+    if let CacheCommand::Pull(args) = &cmd {
+        return cache_pull(args.file.as_deref(), cache_args, json);
+    }
+    let engine = open_engine(cache_args)?;
     let cache = engine.cache();
     match cmd {
         CacheCommand::Ls => {
@@ -233,5 +339,82 @@ fn cache_command(cmd: CacheCommand, cache_dir: Option<PathBuf>, json: bool) -> R
             render::print_gc(&report, args.dry_run, json);
             Ok(exit::OK)
         }
+        CacheCommand::Push(_) | CacheCommand::Pull(_) => Ok(exit::OK),
     }
 }
+
+// --- remote cache (issue 7): `cache push` and `cache pull` ---
+
+/// Opens the engine for `cache push`/`pull` over these pipelines (the first one's root may
+/// hold `autoscale.toml`), with the keys they reference now.
+fn engine_for_pipelines(
+    files: &[PathBuf],
+    cache_args: &CacheArgs,
+) -> Result<(Engine, Option<Vec<ActionKey>>), Failure> {
+    let kinds = torch::stage_kinds();
+    let mut pipelines = Vec::new();
+    for file in files {
+        pipelines
+            .push(Pipeline::load(file, &Overrides::default(), &kinds).map_err(Failure::Config)?);
+    }
+    let engine = open_engine_at(
+        cache_args,
+        pipelines.first().map(|p| p.root.as_path()),
+        kinds,
+    )?;
+    if pipelines.is_empty() {
+        return Ok((engine, None));
+    }
+    let mut keys = Vec::new();
+    for pipeline in &pipelines {
+        keys.extend(engine.live_keys(pipeline).map_err(Failure::engine)?);
+    }
+    keys.sort();
+    keys.dedup();
+    Ok((engine, Some(keys)))
+}
+
+fn cache_push(files: &[PathBuf], cache_args: &CacheArgs, json: bool) -> Result<u8, Failure> {
+    let (engine, keys) = engine_for_pipelines(files, cache_args)?;
+    let report = engine.cache().push(keys.as_deref());
+    render::print_remote_warnings(&engine.cache().take_remote_warnings());
+    let report = report.map_err(cache_failure)?;
+    render::print_sync(&report, "push", json);
+    Ok(if report.problems.is_empty() {
+        exit::OK
+    } else {
+        exit::STAGE_FAILED
+    })
+}
+
+fn cache_pull(file: Option<&Path>, cache_args: &CacheArgs, json: bool) -> Result<u8, Failure> {
+    let files: Vec<PathBuf> = file.map(Path::to_path_buf).into_iter().collect();
+    let (engine, keys) = engine_for_pipelines(&files, cache_args)?;
+    let report = engine.cache().pull(keys.as_deref());
+    render::print_remote_warnings(&engine.cache().take_remote_warnings());
+    let report = report.map_err(cache_failure)?;
+    render::print_sync(&report, "pull", json);
+    Ok(if report.problems.is_empty() {
+        exit::OK
+    } else {
+        exit::STAGE_FAILED
+    })
+}
+
+fn cache_failure(e: autoscale_cache::CacheError) -> Failure {
+    match e {
+        autoscale_cache::CacheError::Remote(
+            e @ (RemoteError::NotConfigured | RemoteError::ReadOnly { .. }),
+        ) => remote_failure(e),
+        other => {
+            let hint = other.hint();
+            let failure = Failure::runtime(other);
+            match hint {
+                Some(h) => failure.hint(h),
+                None => failure,
+            }
+        }
+    }
+}
+
+// --- end remote cache ---

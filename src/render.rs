@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use autoscale_cache::{ActionSummary, GcReport, Manifest, VerifyReport};
+use autoscale_cache::{ActionSummary, GcReport, Manifest, RemoteWarning, SyncReport, VerifyReport};
 use autoscale_engine::{
     ConfigError, ConfigErrors, EngineError, Event, Explanation, KindRegistry, Outcome, Pipeline,
     RunSummary, StageState, StageStatus,
@@ -361,9 +361,17 @@ pub fn print_status(pipeline: &Pipeline, status: &[StageStatus], json: bool) {
         .max()
         .unwrap_or(5)
         .min(48);
-    let (mut cached, mut run, mut waiting) = (0, 0, 0);
+    let (mut cached, mut run, mut waiting, mut remote) = (0, 0, 0, 0);
     for s in status {
         let (word, why) = match &s.state {
+            StageState::Cached { remote: true, .. } => {
+                cached += 1;
+                remote += 1;
+                (
+                    "remote",
+                    "in the remote cache: a run downloads it".to_string(),
+                )
+            }
             StageState::Cached { .. } => {
                 cached += 1;
                 ("cached", String::new())
@@ -379,9 +387,14 @@ pub fn print_status(pipeline: &Pipeline, status: &[StageStatus], json: bool) {
         };
         let _ = writeln!(out, "{word:<7} {:<width$}  {why}", s.stage);
     }
+    let from_remote = if remote > 0 {
+        format!(" ({remote} of them in the remote cache)")
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "{}: {} stages, {cached} cached, {} to run ({waiting} of them wait on an upstream result)",
+        "{}: {} stages, {cached} cached{from_remote}, {} to run ({waiting} of them wait on an upstream result)",
         pipeline.name,
         status.len(),
         run + waiting
@@ -395,7 +408,10 @@ pub fn print_explanation(e: &Explanation, json: bool) {
         return;
     }
     let state = match &e.state {
-        StageState::Cached { key } => format!("cached under key {key}"),
+        StageState::Cached { key, remote: false } => format!("cached under key {key}"),
+        StageState::Cached { key, remote: true } => {
+            format!("in the remote cache under key {key}")
+        }
         StageState::WillRun { key, .. } => format!("will run; its key is {key}"),
         StageState::Waiting { on } => format!("will run; its key is unknown until `{on}` has run"),
     };
@@ -585,3 +601,44 @@ pub fn human_bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[u])
     }
 }
+
+// --- remote cache (issue 7) ---
+
+/// Remote problems the command went on past; on stderr, so `--json` output stays one kind of
+/// object per line.
+pub fn print_remote_warnings(warnings: &[RemoteWarning]) {
+    let mut err = std::io::stderr().lock();
+    for w in warnings {
+        let _ = writeln!(err, "warning: remote cache: {w}");
+    }
+}
+
+pub fn print_sync(r: &SyncReport, verb: &str, json: bool) {
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(out, "{}", json!({"event": verb, "report": r}));
+        return;
+    }
+    for p in &r.problems {
+        let key = p
+            .key
+            .map(|k| format!("{}: ", k.short()))
+            .unwrap_or_default();
+        let _ = writeln!(out, "problem: {key}{}", p.message);
+    }
+    let (done, there, source) = match verb {
+        "push" => ("pushed", "already in the remote", "not in the local cache"),
+        _ => ("pulled", "already local", "not in the remote cache"),
+    };
+    let _ = writeln!(
+        out,
+        "{done} {} results ({}); {} {there}; {} {source}; {} problems",
+        r.transferred,
+        human_bytes(r.bytes),
+        r.present,
+        r.absent,
+        r.problems.len()
+    );
+}
+
+// --- end remote cache ---

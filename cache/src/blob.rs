@@ -30,7 +30,7 @@ impl Cache {
         self.base.join("blobs").join(&hex[..2]).join(hex)
     }
 
-    fn compressed_blob_path(&self, digest: &ArtifactDigest) -> PathBuf {
+    pub(crate) fn compressed_blob_path(&self, digest: &ArtifactDigest) -> PathBuf {
         let mut path = self.blob_path(digest).into_os_string();
         path.push(".zst");
         path.into()

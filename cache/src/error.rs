@@ -27,4 +27,16 @@ pub enum CacheError {
     UnsupportedFileType { path: PathBuf, what: &'static str },
     #[error("blob {digest} is missing from the cache")]
     MissingBlob { digest: String },
+    #[error(transparent)]
+    Remote(#[from] crate::RemoteError),
+}
+
+impl CacheError {
+    /// What the person can do about it, when there is something to say.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            CacheError::Remote(e) => e.hint(),
+            _ => None,
+        }
+    }
 }

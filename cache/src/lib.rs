@@ -5,6 +5,9 @@
 //! JSON record, and gets back digests. Commits are crash-safe (blobs first, manifest last, each
 //! through a temp file and a rename), and a per-key [`KeyLock`] keeps two processes from
 //! producing the same entry at once.
+//!
+//! A [`Remote`] cache (a shared directory or an S3-compatible bucket) can stand behind it: a
+//! local miss is looked up there, and a commit is uploaded there (see the [`remote`] module).
 
 mod blob;
 mod digest;
@@ -12,8 +15,10 @@ mod error;
 mod lock;
 mod maintenance;
 mod manifest;
+pub mod remote;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use blob::hash_file;
 pub use digest::{ActionKey, ArtifactDigest, DigestParseError, tree_digest};
@@ -21,6 +26,9 @@ pub use error::CacheError;
 pub use lock::{KeyLock, LockHolder};
 pub use maintenance::{ActionSummary, GcOptions, GcReport, VerifyProblem, VerifyReport};
 pub use manifest::{FileEntry, MANIFEST_SCHEMA, Manifest, PendingAction, StageTimings};
+pub use remote::{
+    HitSource, Remote, RemoteConfig, RemoteError, RemoteMode, RemoteWarning, SyncReport,
+};
 
 /// The version of the on-disk layout; a new layout lives beside the old one, never over it.
 pub const LAYOUT_VERSION: &str = "v1";
@@ -42,6 +50,8 @@ pub const LAYOUT_VERSION: &str = "v1";
 pub struct Cache {
     root: PathBuf,
     base: PathBuf,
+    /// A team's shared cache behind this one, if any.
+    remote: Option<Arc<Remote>>,
 }
 
 impl Cache {
@@ -56,7 +66,59 @@ impl Cache {
                 source,
             })?;
         }
-        Ok(Self { root, base })
+        Ok(Self {
+            root,
+            base,
+            remote: None,
+        })
+    }
+
+    /// This cache with a remote cache behind it.
+    pub fn with_remote(mut self, remote: Remote) -> Self {
+        self.remote = Some(Arc::new(remote));
+        self
+    }
+
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_deref()
+    }
+
+    /// What went wrong with the remote since the last call: a remote that is down, slow or
+    /// serving a bad entry never fails an operation, it leaves a warning here to show.
+    pub fn take_remote_warnings(&self) -> Vec<RemoteWarning> {
+        self.remote
+            .as_ref()
+            .map(|r| r.take_warnings())
+            .unwrap_or_default()
+    }
+
+    /// Uploads the local entries of `keys` (every local entry when `None`) to the remote.
+    pub fn push(&self, keys: Option<&[ActionKey]>) -> Result<SyncReport, CacheError> {
+        let remote = self.remote.as_ref().ok_or(RemoteError::NotConfigured)?;
+        let all;
+        let keys = match keys {
+            Some(keys) => keys,
+            None => {
+                all = self.list()?.into_iter().map(|a| a.key).collect::<Vec<_>>();
+                &all
+            }
+        };
+        Ok(remote.push(self, keys)?)
+    }
+
+    /// Downloads the remote entries of `keys` (every remote entry when `None`) that are not
+    /// local yet, verifying every blob.
+    pub fn pull(&self, keys: Option<&[ActionKey]>) -> Result<SyncReport, CacheError> {
+        let remote = self.remote.as_ref().ok_or(RemoteError::NotConfigured)?;
+        let all;
+        let keys = match keys {
+            Some(keys) => keys,
+            None => {
+                all = remote.keys()?;
+                &all
+            }
+        };
+        Ok(remote.pull(self, keys)?)
     }
 
     /// The directory the user named.
@@ -94,7 +156,7 @@ impl Cache {
         self.base.join("tmp").join(key.to_hex())
     }
 
-    fn tmp_file(&self, label: &str) -> PathBuf {
+    pub(crate) fn tmp_file(&self, label: &str) -> PathBuf {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.base

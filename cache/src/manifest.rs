@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::{
-    ActionKey, ArtifactDigest, Cache, CacheError, KeyLock, create_dir, io_err, tree_digest,
+    ActionKey, ArtifactDigest, Cache, CacheError, HitSource, KeyLock, create_dir, io_err,
+    tree_digest,
 };
 
 /// The manifest format this build reads and writes.
@@ -104,9 +105,46 @@ pub struct PendingAction {
 }
 
 impl Cache {
-    /// Looks a key up. A missing entry is `Ok(None)`; a manifest of an unknown schema is an
-    /// error, never silently reused.
+    /// Looks a key up, here and then in the remote cache: a remote hit is downloaded, every
+    /// blob verified, and stored locally before it is returned. A missing entry is `Ok(None)`;
+    /// a local manifest of an unknown schema is an error, never silently reused. Remote
+    /// problems are never errors here: they leave a warning (see
+    /// [`Cache::take_remote_warnings`]) and the key counts as missing.
     pub fn lookup(&self, key: &ActionKey) -> Result<Option<Manifest>, CacheError> {
+        if let Some(manifest) = self.lookup_local(key)? {
+            return Ok(Some(manifest));
+        }
+        Ok(self.remote.as_ref().and_then(|r| r.fetch(self, key)))
+    }
+
+    /// Where a key's entry is, without downloading anything: the local manifest, or the remote
+    /// one (checked, but its blobs not yet fetched). What `status` uses.
+    pub fn find(&self, key: &ActionKey) -> Result<Option<(Manifest, HitSource)>, CacheError> {
+        if let Some(manifest) = self.lookup_local(key)? {
+            return Ok(Some((manifest, HitSource::Local)));
+        }
+        Ok(self
+            .remote
+            .as_ref()
+            .and_then(|r| r.entry(key))
+            .map(|entry| (entry.manifest.clone(), HitSource::Remote)))
+    }
+
+    /// Asks the remote cache for many keys at once, ahead of [`Cache::find`] or
+    /// [`Cache::lookup`] of each; a no-op without a remote.
+    pub fn prefetch(&self, keys: &[ActionKey]) {
+        if let Some(remote) = &self.remote {
+            let missing: Vec<ActionKey> = keys
+                .iter()
+                .filter(|k| !self.manifest_path(k).exists())
+                .copied()
+                .collect();
+            remote.prefetch(&missing);
+        }
+    }
+
+    /// Looks a key up in this cache only.
+    pub fn lookup_local(&self, key: &ActionKey) -> Result<Option<Manifest>, CacheError> {
         let path = self.manifest_path(key);
         let mut file = match fs::File::open(&path) {
             Ok(f) => f,
@@ -251,8 +289,25 @@ impl Cache {
         })
     }
 
+    /// Writes a manifest whose blobs are durable already (temp file, rename).
+    pub(crate) fn write_manifest(&self, manifest: &Manifest) -> Result<(), CacheError> {
+        let path = self.manifest_path(&manifest.key);
+        create_dir(path.parent().unwrap_or(&self.base))?;
+        let bytes = serde_json::to_vec(manifest).map_err(|source| CacheError::BadManifest {
+            path: path.clone(),
+            source,
+        })?;
+        let tmp = self.tmp_file("manifest");
+        let mut file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        file.write_all(&bytes).map_err(io_err(&tmp))?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(io_err(&path))
+    }
+
     /// Commits a batch: one flush makes every blob durable, then each manifest is written
     /// (temp file, rename), and only then are the keys unlocked and the staging removed.
+    /// With a read-write remote, each committed action is then uploaded, blobs first and
+    /// manifest last; an upload that fails leaves a warning, never an error.
     pub fn commit(&self, batch: Vec<PendingAction>) -> Result<Vec<Manifest>, CacheError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -260,25 +315,16 @@ impl Cache {
         self.sync()?;
         let mut done = Vec::with_capacity(batch.len());
         for pending in batch {
-            let path = self.manifest_path(&pending.manifest.key);
-            create_dir(path.parent().unwrap_or(&self.base))?;
-            let bytes = serde_json::to_vec(&pending.manifest).map_err(|source| {
-                CacheError::BadManifest {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-            let tmp = self.tmp_file("manifest");
-            let mut file = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-            file.write_all(&bytes).map_err(io_err(&tmp))?;
-            drop(file);
-            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+            self.write_manifest(&pending.manifest)?;
             let key = pending.manifest.key;
             let staging = self.staging_dir(&key);
             let _ = fs::remove_dir_all(&staging);
             let _ = fs::remove_dir_all(self.base.join("scratch").join(key.to_hex()));
             drop(pending.lock);
             done.push(pending.manifest);
+        }
+        if let Some(remote) = &self.remote {
+            remote.upload_committed(self, &done);
         }
         Ok(done)
     }

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use autoscale_cache::{ActionKey, Cache, LockHolder, Manifest, PendingAction, StageTimings};
+use autoscale_cache::{
+    ActionKey, Cache, HitSource, LockHolder, Manifest, PendingAction, StageTimings,
+};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -33,15 +35,16 @@ pub struct Engine {
 pub enum StageState {
     Cached {
         key: ActionKey,
+        /// Found in the remote cache, not yet here: a run downloads it instead of running it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        remote: bool,
     },
     WillRun {
         key: ActionKey,
         reasons: Vec<String>,
     },
     /// Its key is unknown until this upstream stage has run.
-    Waiting {
-        on: String,
-    },
+    Waiting { on: String },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -278,7 +281,7 @@ impl Engine {
         let Some(old_key) = refs.get(id) else {
             return Ok(vec!["never run".into()]);
         };
-        let Some(old) = self.cache.lookup(old_key)? else {
+        let Some((old, _)) = self.cache.find(old_key)? else {
             return Ok(vec![format!(
                 "its last result ({}) is no longer in the cache",
                 old_key.short()
@@ -311,7 +314,35 @@ impl Engine {
         let refs = self.read_refs(pipeline);
         let mut manifests: Vec<Option<Manifest>> = vec![None; pipeline.stages.len()];
         let mut states: Vec<Option<StageState>> = vec![None; pipeline.stages.len()];
-        for i in topological_order(pipeline) {
+        // --- remote cache (issue 7): stages by depth, so that the remote cache is asked for a
+        // whole level's keys at once rather than one round trip per stage.
+        let mut order = topological_order(pipeline);
+        let mut depth = vec![0usize; pipeline.stages.len()];
+        for &i in &order {
+            depth[i] = pipeline
+                .dependencies(i)
+                .iter()
+                .map(|&d| depth[d] + 1)
+                .max()
+                .unwrap_or(0);
+        }
+        // Stable: still topological, since a stage is deeper than all it depends on.
+        order.sort_by_key(|&i| depth[i]);
+        for (pos, &i) in order.iter().enumerate() {
+            if self.cache.remote().is_some() && (pos == 0 || depth[order[pos - 1]] != depth[i]) {
+                let level: Vec<ActionKey> = order[pos..]
+                    .iter()
+                    .take_while(|&&j| depth[j] == depth[i])
+                    .filter_map(
+                        |&j| match self.record(pipeline, j, &|k| manifests[k].as_ref()) {
+                            Ok(Ok(record)) => Some(record.key()),
+                            _ => None,
+                        },
+                    )
+                    .collect();
+                self.cache.prefetch(&level);
+            }
+            // --- end remote cache
             let stage = &pipeline.stages[i];
             if let Some(source) = &stage.fanout_from {
                 states[i] = Some(StageState::Waiting { on: source.clone() });
@@ -323,10 +354,13 @@ impl Engine {
                 },
                 Ok(record) => {
                     let key = record.key();
-                    match self.cache.lookup(&key)? {
-                        Some(m) => {
+                    match self.cache.find(&key)? {
+                        Some((m, source)) => {
                             manifests[i] = Some(m);
-                            StageState::Cached { key }
+                            StageState::Cached {
+                                key,
+                                remote: source == HitSource::Remote,
+                            }
                         }
                         None => StageState::WillRun {
                             key,
@@ -363,13 +397,13 @@ impl Engine {
         let refs = self.read_refs(pipeline);
         let previous_key = refs.get(id).copied();
         let previous_record = match &previous_key {
-            Some(k) => self.cache.lookup(k)?.map(|m| m.record_value()),
+            Some(k) => self.cache.find(k)?.map(|(m, _)| m.record_value()),
             None => None,
         };
         let mut manifests: HashMap<usize, Manifest> = HashMap::new();
         for (j, s) in status.iter().enumerate() {
-            if let StageState::Cached { key } = &s.state
-                && let Some(m) = self.cache.lookup(key)?
+            if let StageState::Cached { key, .. } = &s.state
+                && let Some((m, _)) = self.cache.find(key)?
             {
                 manifests.insert(j, m);
             }
@@ -422,7 +456,7 @@ impl Engine {
             })?;
         let status = self.status_once(pipeline)?;
         match &status[i].state {
-            StageState::Cached { key } => match self.cache.lookup(key)? {
+            StageState::Cached { key, .. } => match self.cache.lookup(key)? {
                 Some(m) => {
                     self.cache.materialize(&m)?;
                     Ok(Ok(m))
@@ -439,7 +473,7 @@ impl Engine {
             .status(pipeline)?
             .into_iter()
             .filter_map(|s| match s.state {
-                StageState::Cached { key } => Some(key),
+                StageState::Cached { key, .. } => Some(key),
                 _ => None,
             })
             .collect())
@@ -555,7 +589,7 @@ impl Engine {
             let mut expanded = false;
             let status = self.status_once(pipeline)?;
             for (placeholder, source) in pipeline.fanout_placeholders() {
-                let StageState::Cached { key } = &status[source].state else {
+                let StageState::Cached { key, .. } = &status[source].state else {
                     continue;
                 };
                 let Some(manifest) = self.cache.lookup(key)? else {

@@ -2,6 +2,7 @@
 //! schedules or caches anything: that is the engine's job.
 
 mod command;
+mod data;
 mod mixture_kinds;
 
 use std::sync::Arc;
@@ -11,6 +12,10 @@ use autoscale_engine::KindRegistry;
 use autoscale_engine::StageKind;
 
 pub use command::CommandKind;
+pub use data::{
+    DataError, DownloadKind, ENDOFTEXT, PrepareKind, ShardKind, ShardManifest, SplitStats,
+    TokenizerKind,
+};
 pub use mixture_kinds::{
     BaselineError, BaselineMethod, BaselineRequest, DdoKind, DdoPlanFile, DdoPlanKind, MixtureKind,
     PredictKind, baseline_weights,
@@ -20,6 +25,10 @@ pub use mixture_kinds::{
 pub fn builtin_kinds() -> KindRegistry {
     let mut kinds = KindRegistry::new();
     kinds.register(Arc::new(CommandKind));
+    kinds.register(Arc::new(DownloadKind));
+    kinds.register(Arc::new(PrepareKind));
+    kinds.register(Arc::new(TokenizerKind));
+    kinds.register(Arc::new(ShardKind));
     kinds.register(Arc::new(DdoPlanKind));
     kinds.register(Arc::new(DdoKind));
     kinds.register(Arc::new(PredictKind));

@@ -1,0 +1,196 @@
+//! The `train` and `eval` kinds through the binary (feature `torch`): the binary finds libtorch
+//! without `LD_LIBRARY_PATH` and links `libtorch_cuda` when it exists; a training killed with
+//! `autoscale` resumes from its checkpoint on the rerun; `eval` scores domains held out of
+//! training. The trainings themselves are tested in `stages/train/tests/training.rs`.
+#![cfg(feature = "torch")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Workspace, events, stderr, with_outcome};
+use serde_json::Value;
+
+#[test]
+fn doctor_finds_libtorch_without_ld_library_path() {
+    let ws = Workspace::new();
+    let out = ws
+        .cmd(&["--json", "doctor"])
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let version = info["version"].as_str().unwrap_or_default();
+    assert!(version.starts_with("2.13.0"), "{info}");
+    let lib = PathBuf::from(info["library_dir"].as_str().unwrap());
+    assert!(lib.join("libtorch_cpu.so").is_file(), "{info}");
+    // A CUDA libtorch must really be loaded, not dropped by the linker's --as-needed.
+    assert_eq!(
+        info["cuda_library_loaded"].as_bool(),
+        Some(lib.join("libtorch_cuda.so").is_file()),
+        "{info}"
+    );
+    let text = ws
+        .cmd(&["doctor"])
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("torch          2.13.0"), "{text}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+const PIPELINE: &str = r#"
+name: train-test
+stages:
+  - id: train
+    kind: train
+    inputs: {data: "file:corpus"}
+    params:
+      model: gpt2-tiny
+      tokens: {books: 40960, code: 40960, web: 20480}
+      seq_len: 32
+      batch_size: 8
+      lr: 0.003
+      threads: 1
+      checkpoint_every: 10
+      log_every: 10
+      eval_every: 0
+      eval_tokens: 1024
+      eval_domains: [books, code, web]
+  - id: heldout
+    kind: eval
+    inputs: {model: train, data: "file:corpus"}
+    params: {domains: [latex, wikipedia], eval_tokens: 1024, threads: 1}
+"#;
+
+/// Training processes (`autoscale internal-train`) whose job lies under `dir`.
+fn trainings_under(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("internal-train") && cmdline.contains(&*dir.to_string_lossy()) {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+fn checkpoint_in(cache: &Path) -> Option<PathBuf> {
+    let scratch = cache.join("v1/scratch");
+    std::fs::read_dir(scratch)
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("checkpoint.json"))
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn a_killed_training_resumes_from_its_checkpoint_and_eval_scores_held_out_domains() {
+    let ws = Workspace::new();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    copy_dir(
+        &repo.join("tests/fixtures/corpus"),
+        &ws.path().join("corpus"),
+    );
+    let pipeline = ws.write("train.yaml", PIPELINE);
+    let p = pipeline.to_str().unwrap();
+
+    // Kill autoscale (SIGKILL) once the training has written a checkpoint.
+    let mut child = ws.cmd(&["--json", "run", p]).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let checkpoint = loop {
+        if let Some(c) = checkpoint_in(&ws.cache()) {
+            break c;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "autoscale ended before the first checkpoint"
+        );
+        assert!(Instant::now() < deadline, "no checkpoint after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at: Value = serde_json::from_str(&std::fs::read_to_string(&checkpoint).unwrap()).unwrap();
+    assert!(at["step"].as_u64().unwrap() >= 10, "{at}");
+    // The training process dies with autoscale.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !trainings_under(ws.path()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "orphaned: {:?}",
+            trainings_under(ws.path())
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The rerun resumes from a checkpoint and finishes; then `eval` runs on held-out domains.
+    let out = ws.run(&["--json", "run", p]);
+    let evs = events(&out);
+    assert_eq!(out.status.code(), Some(0), "{}\n{evs:?}", stderr(&out));
+    assert_eq!(with_outcome(&evs, "executed"), ["heldout", "train"]);
+    let show = ws.run(&["--json", "show", p, "train"]);
+    let shown: Value = serde_json::from_slice(&show.stdout).unwrap();
+    let dir = PathBuf::from(shown["dir"].as_str().unwrap());
+    let eval: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
+    let resumed = eval["train"]["resumed_from_step"].as_u64().unwrap_or(0);
+    assert!(resumed >= 10, "resumed from {resumed}: {}", eval["train"]);
+    assert_eq!(eval["train"]["steps"], 400);
+    assert_eq!(
+        eval["domains"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["books", "code", "web"]
+    );
+    assert!(dir.join("model/model.safetensors").is_file());
+    // The stage's result says so too.
+    assert_eq!(shown["metadata"]["result"]["resumed_from_step"], resumed);
+
+    let show = ws.run(&["--json", "show", p, "heldout"]);
+    let shown: Value = serde_json::from_slice(&show.stdout).unwrap();
+    let dir = PathBuf::from(shown["dir"].as_str().unwrap());
+    let held: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap();
+    let domains: Vec<&String> = held["domains"].as_object().unwrap().keys().collect();
+    assert_eq!(domains, ["latex", "wikipedia"]);
+    for d in ["latex", "wikipedia"] {
+        let loss = held["domains"][d]["loss"].as_f64().unwrap();
+        assert!(loss > 0.0 && loss < 5.0, "{d}: {loss}");
+    }
+    assert!(held["worst_ppl"].as_f64().unwrap() >= held["mean_ppl"].as_f64().unwrap());
+
+    // Nothing left to do.
+    let (code, evs) = ws.run_json(&[p]);
+    assert_eq!(code, 0);
+    assert!(with_outcome(&evs, "executed").is_empty(), "{evs:?}");
+}
+
+#[test]
+fn bad_train_params_are_config_errors_with_hints() {
+    let ws = Workspace::new();
+    let p = ws.write(
+        "bad.yaml",
+        "name: bad\nstages:\n  - id: t\n    kind: train\n    inputs: {data: \"file:.\"}\n    params: {model: gpt-2, tokens: {a: 1}}\n",
+    );
+    let out = ws.run(&["run", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("unknown model preset `gpt-2`"), "{err}");
+    assert!(err.contains("gpt2-medium"), "{err}");
+}
