@@ -696,12 +696,7 @@ impl Engine {
                                 None,
                             );
                             slots[i] = Slot::Done(m);
-                            for &d in &dependents[i] {
-                                waiting_on[d] -= 1;
-                                if waiting_on[d] == 0 {
-                                    resolve.push_back(d);
-                                }
-                            }
+                            unblock(&dependents[i], &mut waiting_on, &mut resolve);
                         }
                         None => {
                             slots[i] = Slot::Ready(record);
@@ -824,12 +819,7 @@ impl Engine {
                             None,
                         );
                         slots[i] = Slot::Done(manifest);
-                        for &d in &dependents[i] {
-                            waiting_on[d] -= 1;
-                            if waiting_on[d] == 0 {
-                                resolve.push_back(d);
-                            }
-                        }
+                        unblock(&dependents[i], &mut waiting_on, &mut resolve);
                     }
                     Msg::FoundCached(i, manifest) => {
                         release(
@@ -848,12 +838,7 @@ impl Engine {
                             None,
                         );
                         slots[i] = Slot::Done(manifest);
-                        for &d in &dependents[i] {
-                            waiting_on[d] -= 1;
-                            if waiting_on[d] == 0 {
-                                resolve.push_back(d);
-                            }
-                        }
+                        unblock(&dependents[i], &mut waiting_on, &mut resolve);
                     }
                     // Reported as executed when it ran; the run returns only once it is durable.
                     Msg::Committed(list) => uncommitted -= list.len(),
@@ -1142,6 +1127,16 @@ impl Report<'_> {
             error,
             log,
         });
+    }
+}
+
+/// One input of each dependent is now known; those with none left to wait for get resolved.
+fn unblock(dependents: &[usize], waiting_on: &mut [usize], resolve: &mut VecDeque<usize>) {
+    for &d in dependents {
+        waiting_on[d] -= 1;
+        if waiting_on[d] == 0 {
+            resolve.push_back(d);
+        }
     }
 }
 
