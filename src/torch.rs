@@ -9,11 +9,10 @@ use autoscale_engine::KindRegistry;
 use crate::exit;
 use crate::render::Failure;
 
-/// The built-in kinds, plus `train` and `eval` when built with torch.
+/// The built-in kinds, plus `train` and `eval`. Without torch those still check params and
+/// plan, so `status` and `dag` work on any pipeline; running one fails with a build hint.
 pub fn stage_kinds() -> KindRegistry {
-    #[allow(unused_mut)]
     let mut kinds = autoscale_stages::builtin_kinds();
-    #[cfg(feature = "torch")]
     match std::env::current_exe() {
         Ok(exe) => {
             for kind in autoscale_train::kinds(autoscale_train::Launcher::Subprocess { exe }) {
@@ -90,7 +89,7 @@ pub fn doctor(json: bool) -> Result<u8, Failure> {
         return Ok(exit::OK);
     }
     println!("torch          not built in: this autoscale was built without the `torch` feature,");
-    println!("               so it has no `train` or `eval` kinds");
+    println!("               so its `train` and `eval` stages plan but cannot run");
     println!("hint: {BUILD_HINT}");
     Ok(exit::OK)
 }
@@ -138,10 +137,15 @@ pub fn internal_train(job: &Path) -> Result<u8, Failure> {
     }
 }
 
+/// Without torch: the job fails, with the message the `train`/`eval` stage shows.
 #[cfg(not(feature = "torch"))]
 pub fn internal_train(_job: &Path) -> Result<u8, Failure> {
-    Err(Failure::usage(
-        "this autoscale was built without the `torch` feature, so it cannot train",
-        BUILD_HINT,
-    ))
+    let message = "this autoscale was built without the `torch` feature, so it cannot train";
+    let failure = autoscale_train::ChildMessage::Error {
+        message: message.into(),
+        hint: Some(BUILD_HINT.into()),
+    };
+    println!("{}", serde_json::to_string(&failure).unwrap_or_default());
+    eprintln!("error: {message}\nhint: {BUILD_HINT}");
+    Ok(exit::STAGE_FAILED)
 }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Map, Value};
 
+use crate::pipeline::FanoutChild;
+
 /// The type a param must have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamType {
@@ -172,6 +174,15 @@ pub trait StageKind: Send + Sync {
     /// Checks the params together, beyond their types; an `Err` names what is wrong.
     fn check(&self, _params: &Map<String, Value>) -> Result<(), String> {
         Ok(())
+    }
+    /// For a kind whose `fanout.json` is a function of its params alone (`ddo_plan`): the
+    /// children it will list, so that `status` and `dag` show a run-time fan-out before its
+    /// source has run. `None` (the default): known only once it has run.
+    fn planned_fanout(
+        &self,
+        _params: &Map<String, Value>,
+    ) -> Option<Result<Vec<FanoutChild>, String>> {
+        None
     }
     fn run(&self, ctx: &StageContext<'_>) -> Result<Value, StageError>;
 }

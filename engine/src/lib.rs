@@ -19,7 +19,7 @@ pub use key::{CACHE_SCHEMA, KeyRecord};
 pub use kind::{
     InputPath, KindRegistry, ParamSpec, ParamType, StageContext, StageError, StageKind,
 };
-pub use pipeline::{InputRef, Overrides, Pipeline, Resources, Stage};
+pub use pipeline::{FanoutChild, InputRef, Overrides, Pipeline, Resources, Stage};
 pub use run::{
     Engine, Event, Explanation, Outcome, RunOptions, RunSummary, StageState, StageStatus,
     error_text,

@@ -297,11 +297,41 @@ impl Engine {
         })
     }
 
-    /// The pipeline with every run-time fan-out expanded whose source is cached.
+    /// The pipeline with every run-time fan-out expanded whose source is cached, or whose
+    /// source's kind knows its children from its params alone ([`StageKind::planned_fanout`]).
     pub fn expanded(&self, pipeline: &Pipeline) -> Result<Pipeline, EngineError> {
         let mut p = pipeline.clone();
-        self.expand_cached_fanouts(&mut p)?;
-        Ok(p)
+        loop {
+            self.expand_cached_fanouts(&mut p)?;
+            if !self.expand_one_planned_fanout(&mut p)? {
+                return Ok(p);
+            }
+        }
+    }
+
+    /// Expands the first placeholder whose (non-placeholder) source plans its children from
+    /// its params; `false` when there is none.
+    fn expand_one_planned_fanout(&self, pipeline: &mut Pipeline) -> Result<bool, EngineError> {
+        for (placeholder, source) in pipeline.fanout_placeholders() {
+            let src = &pipeline.stages[source];
+            if src.fanout_from.is_some() {
+                continue;
+            }
+            let Some(planned) = self
+                .kinds
+                .get(&src.kind)
+                .and_then(|k| k.planned_fanout(&src.params))
+            else {
+                continue;
+            };
+            let (source_id, id) = (src.id.clone(), pipeline.stages[placeholder].id.clone());
+            let children = planned.map_err(|m| fanout_error(&source_id, &id, m))?;
+            pipeline
+                .expand_fanout(placeholder, &children)
+                .map_err(|m| fanout_error(&source_id, &id, m))?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Every stage of `expanded(pipeline)`, cached or going to run, and why.

@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use autoscale_engine::{InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind};
+use autoscale_engine::{
+    FanoutChild, InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind,
+};
 use autoscale_mixture::{
     DdoOptions, DdoReport, MixError, MixtureWeights, Objective, PlanOptions, PlannedRun,
     Prediction, ScaleComposition, Target, TokenQuantities, baselines,
@@ -87,6 +89,21 @@ impl StageKind for DdoPlanKind {
 
     fn check(&self, params: &Map<String, Value>) -> Result<(), String> {
         ddo_plan(params).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    fn planned_fanout(
+        &self,
+        params: &Map<String, Value>,
+    ) -> Option<Result<Vec<FanoutChild>, String>> {
+        let children = ddo_plan(params)
+            .map_err(|e| e.to_string())
+            .and_then(|plan| {
+                plan.runs
+                    .iter()
+                    .map(|r| serde_json::from_value(fanout_child(r)).map_err(|e| e.to_string()))
+                    .collect()
+            });
+        Some(children)
     }
 
     fn run(&self, ctx: &StageContext<'_>) -> Result<Value, StageError> {

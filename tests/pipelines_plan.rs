@@ -1,0 +1,163 @@
+//! The paper's pipelines plan offline: `status` and `dag` on `pipelines/gpt2_large.yaml` and
+//! `pipelines/bert_base.yaml` touch no network and no GPU, and list every proxy training DDO
+//! will run (the `ddo_plan` fan-out is planned from its params), in any build.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use common::{Workspace, stderr};
+use serde_json::Value;
+
+fn pipeline(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("pipelines")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `status --json`: every stage's id, kind and state.
+fn status(ws: &Workspace, file: &str) -> Vec<Value> {
+    let out = ws.run(&["--json", "status", file]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// Stage count per template (`proxy_small[c4-x3]` -> `proxy_small`) and kind.
+fn counts(stages: &[Value]) -> BTreeMap<(String, String), usize> {
+    let mut counts = BTreeMap::new();
+    for s in stages {
+        let id = s["stage"].as_str().expect("stage id");
+        let template = id.split('[').next().expect("id").to_string();
+        let kind = s["kind"].as_str().expect("kind").to_string();
+        *counts.entry((template, kind)).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn count(counts: &BTreeMap<(String, String), usize>, template: &str, kind: &str) -> usize {
+    counts
+        .get(&(template.to_string(), kind.to_string()))
+        .copied()
+        .unwrap_or(0)
+}
+
+#[test]
+fn gpt2_large_plans_offline_with_every_proxy_training() {
+    let ws = Workspace::new();
+    let file = pipeline("gpt2_large.yaml");
+    let stages = status(&ws, &file);
+    let c = counts(&stages);
+    // DDO at 0.3B, 0.6B (the predictor's held-out check) and 1.2B: 1 base + 7 domains x 2
+    // multipliers each.
+    for scale in ["proxy_small", "proxy_check", "proxy_large"] {
+        assert_eq!(count(&c, scale, "train"), 15, "{scale}: {c:?}");
+    }
+    let proxies: usize = ["proxy_small", "proxy_check", "proxy_large"]
+        .iter()
+        .map(|s| count(&c, s, "train"))
+        .sum();
+    assert_eq!(proxies, 45);
+    assert_eq!(count(&c, "download_c4", "download"), 1);
+    assert_eq!(count(&c, "prepare", "prepare"), 7);
+    assert_eq!(count(&c, "predict", "predict"), 3, "3B, 5B and 10B");
+    assert_eq!(count(&c, "target_autoscale", "train"), 3);
+    assert_eq!(
+        count(&c, "target", "train"),
+        6,
+        "uniform and LLaMA at 3 scales"
+    );
+    assert_eq!(
+        count(&c, "eval", "eval") + count(&c, "eval_autoscale", "eval"),
+        9
+    );
+    // Nothing has run: every stage is to run or waits, and a planned proxy says why.
+    assert!(stages.iter().all(|s| s["state"] != "cached"), "{stages:?}");
+    let base = stages
+        .iter()
+        .find(|s| s["stage"] == "proxy_small[base]")
+        .expect("the base run of the 0.3B DDO is planned");
+    assert_ne!(base["state"], "cached");
+
+    // The DAG, planned fan-out included.
+    let out = ws.run(&["dag", &file, "--format", "mermaid"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let dag = String::from_utf8_lossy(&out.stdout);
+    assert!(dag.contains("proxy_large[base]"), "{dag}");
+    assert!(dag.contains("ddo_large"), "{dag}");
+    let out = ws.run(&["dag", &file]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("digraph"));
+}
+
+#[test]
+fn bert_base_plans_offline_with_every_proxy_training() {
+    let ws = Workspace::new();
+    let stages = status(&ws, &pipeline("bert_base.yaml"));
+    let c = counts(&stages);
+    // 5 training domains, multipliers 1/3 and 2: 1 + 5 x 2 per scale.
+    assert_eq!(count(&c, "proxy_small", "train"), 11, "{c:?}");
+    assert_eq!(count(&c, "proxy_large", "train"), 11, "{c:?}");
+    // 8 domains prepared and sharded, 3 of them evaluation-only.
+    assert_eq!(count(&c, "prepare", "prepare"), 8);
+    assert_eq!(count(&c, "target", "train"), 2);
+    assert_eq!(count(&c, "eval", "eval"), 2);
+    let perturbed: Vec<&str> = stages
+        .iter()
+        .filter_map(|s| s["stage"].as_str())
+        .filter(|id| id.starts_with("proxy_small["))
+        .collect();
+    for domain in ["amazon", "arxiv", "books", "wikipedia", "openwebtext"] {
+        assert_eq!(
+            perturbed.iter().filter(|id| id.contains(domain)).count(),
+            2,
+            "{domain} is scaled down and up: {perturbed:?}"
+        );
+    }
+    assert!(!perturbed.iter().any(|id| id.contains("pubmed")));
+}
+
+#[test]
+fn a_planned_fanout_is_what_the_run_then_expands() {
+    // The children `status` plans before the source runs are the ones the run creates.
+    let ws = Workspace::new();
+    let file = ws.write(
+        "plan.yaml",
+        r#"
+name: plan
+stages:
+  - id: plan
+    kind: ddo_plan
+    params: {domains: [a, b], base_tokens: 1000, multipliers: [0.5, 2]}
+  - id: child
+    kind: command
+    fanout: plan
+    cmd: 'echo "$AUTOSCALE_PARAM_TOTAL_TOKENS" > "$AUTOSCALE_OUT/t"'
+"#,
+    );
+    let file = file.to_str().expect("utf8");
+    let before: Vec<String> = status(&ws, file)
+        .iter()
+        .filter_map(|s| s["stage"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(before.len(), 6, "{before:?}");
+    let (code, events) = ws.run_json(&[file]);
+    assert_eq!(code, 0);
+    let mut ran = common::with_outcome(&events, "executed");
+    ran.retain(|id| id.starts_with("child["));
+    let mut planned: Vec<String> = before
+        .into_iter()
+        .filter(|id| id.starts_with("child["))
+        .collect();
+    planned.sort();
+    assert_eq!(ran, planned);
+    assert!(
+        status(&ws, file).iter().all(|s| s["state"] == "cached"),
+        "after the run every planned stage is cached"
+    );
+}
