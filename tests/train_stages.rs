@@ -42,10 +42,10 @@ fn doctor_finds_libtorch_without_ld_library_path() {
 }
 
 fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    std::fs::create_dir_all(to).expect("test setup");
+    for entry in std::fs::read_dir(from).expect("test setup") {
+        let entry = entry.expect("test setup");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("test setup");
     }
 }
 
@@ -76,7 +76,7 @@ stages:
 /// Training processes (`autoscale internal-train`) whose job lies under `dir`.
 fn trainings_under(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+    for entry in std::fs::read_dir("/proc").expect("test setup").flatten() {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
@@ -109,7 +109,11 @@ fn a_killed_training_resumes_from_its_checkpoint_and_eval_scores_held_out_domain
     let p = pipeline.to_str().unwrap();
 
     // Kill autoscale (SIGKILL) once the training has written a checkpoint.
-    let mut child = ws.cmd(&["--json", "run", p]).spawn().unwrap();
+    let mut child = ws
+        .cmd(&["--json", "run", p])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let checkpoint = loop {
         if let Some(c) = checkpoint_in(&ws.cache()) {
@@ -193,4 +197,77 @@ fn bad_train_params_are_config_errors_with_hints() {
     let err = stderr(&out);
     assert!(err.contains("unknown model preset `gpt-2`"), "{err}");
     assert!(err.contains("gpt2-medium"), "{err}");
+}
+
+/// The data stages feed the trainer: JSONL -> `prepare` -> `tokenizer` (BPE) -> `shard` (Arrow
+/// IPC) -> `train` and `eval`, with the shards' vocabulary, held-out sets and byte counts.
+#[test]
+fn train_reads_the_shard_stage_output() {
+    let ws = Workspace::new();
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/corpus");
+    copy_dir(&fixture, &ws.path().join("corpus"));
+    let p = ws.write(
+        "shards.yaml",
+        r#"
+name: shards
+stages:
+  - id: prepare
+    kind: prepare
+    foreach: [books, code, web, latex]
+    inputs: {source: "file:corpus/${item}.jsonl"}
+    params: {min_chars: 200, block_chars: 0, val_fraction: 0.1, val_max_docs: 20}
+  - id: tokenizer
+    kind: tokenizer
+    inputs: {docs: prepare}
+    params: {method: bpe, vocab_size: 512, sample_docs: 200}
+  - id: shard
+    kind: shard
+    inputs: {docs: prepare, tokenizer: tokenizer}
+    params: {shard_tokens: 5000}
+  - id: train
+    kind: train
+    inputs: {data: shard}
+    params:
+      model: gpt2-tiny
+      weights: {books: 0.4, code: 0.4, web: 0.2}
+      total_tokens: 81920
+      seq_len: 64
+      batch_size: 8
+      lr: 0.003
+      threads: 1
+      eval_every: 0
+      eval_tokens: 2048
+      eval_domains: [books, code, web]
+  - id: heldout
+    kind: eval
+    inputs: {model: train, data: shard}
+    params: {domains: [latex], eval_tokens: 2048, threads: 1}
+"#,
+    );
+    let p = p.to_str().unwrap();
+    let (code, evs) = ws.run_json(&[p]);
+    assert_eq!(code, 0, "{evs:?}");
+    let eval_of = |stage: &str| -> Value {
+        let show = ws.run(&["--json", "show", p, stage]);
+        let shown: Value = serde_json::from_slice(&show.stdout).unwrap();
+        let dir = PathBuf::from(shown["dir"].as_str().unwrap());
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap()
+    };
+    let trained = eval_of("train");
+    // 81,920 tokens of 64-token windows in batches of 8: 160 steps.
+    assert_eq!(trained["train"]["steps"], 160, "{}", trained["train"]);
+    let uniform = (512f64).ln();
+    for d in ["books", "code", "web"] {
+        let m = &trained["domains"][d];
+        let loss = m["loss"].as_f64().unwrap();
+        // Well below a uniform guess over the 512 ids: the model learned from the shards.
+        assert!(loss.is_finite() && loss < uniform - 0.7, "{d}: {m}");
+        // BPE tokens hold more than a byte each.
+        assert!(m["bpb"].as_f64().unwrap() > 0.0, "{d}: {m}");
+    }
+    let held = eval_of("heldout");
+    assert!(
+        held["domains"]["latex"]["loss"].as_f64().unwrap() < uniform,
+        "{held}"
+    );
 }

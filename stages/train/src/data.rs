@@ -1,6 +1,6 @@
 //! Training data: per-domain token streams with a fixed held-out split.
 //!
-//! Two layouts are read; `Corpus::open` tells them apart.
+//! Three layouts are read; `Corpus::open` tells them apart.
 //!
 //! **Token shards** (what a tokenizing stage writes): a directory with `manifest.json`
 //!
@@ -25,6 +25,12 @@
 //! their text (for bits per byte). The `val` split is the fixed held-out set: it is chosen when
 //! the shards are written, by document, never by mixture, and is never reweighted. Shards are
 //! read a window at a time (`pread`), so they may be far larger than memory.
+//!
+//! **Arrow IPC shards** (what the `shard` kind writes): a directory whose `manifest.json` says
+//! `"format": "arrow-ipc-stream"`, one column of `uint16`/`uint32` ids per shard file, each
+//! document *followed* by its end-of-text id. On open, each split's shards are decoded once into
+//! an unnamed temporary file (2 or 4 bytes per token, in `$TMPDIR`), which is then read a
+//! window at a time like the layout above; memory stays one record batch.
 //!
 //! **A RedPajama-layout JSONL corpus** (tests, the demo): `DIR/<domain>.jsonl`, one
 //! `{"text": ...}` per line. Text is tokenized here, one token per UTF-8 byte plus end-of-text
@@ -259,8 +265,11 @@ impl Corpus {
                 ),
             });
         }
-        let corpus = if path.join("manifest.json").is_file() && is_shard_manifest(path)? {
+        let format = manifest_format(path)?;
+        let corpus = if format.as_deref() == Some(SHARD_FORMAT) {
             open_shards(path, only)?
+        } else if format.as_deref() == Some(ARROW_FORMAT) {
+            open_arrow_shards(path, only)?
         } else {
             open_jsonl(path, held_out, only)?
         };
@@ -345,12 +354,207 @@ impl Corpus {
     }
 }
 
-fn is_shard_manifest(dir: &Path) -> Result<bool, TrainError> {
+/// The `format` of `dir/manifest.json`, if there is one. A JSONL corpus may carry a
+/// manifest.json of its own (the corpus builder's), which names no format we read.
+fn manifest_format(dir: &Path) -> Result<Option<String>, TrainError> {
     let path = dir.join("manifest.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
     let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io("read", &path, e))?;
     let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    // A JSONL corpus may carry its own manifest.json (the corpus builder's); only ours says so.
-    Ok(value["format"] == SHARD_FORMAT)
+    Ok(value["format"].as_str().map(str::to_owned))
+}
+
+/// The `shard` kind's manifest's `format`.
+pub const ARROW_FORMAT: &str = "arrow-ipc-stream";
+
+#[derive(Debug, Deserialize)]
+struct ArrowManifest {
+    dtype: String,
+    eot_id: i64,
+    vocab_size: i64,
+    #[serde(default)]
+    eot: Value,
+    #[serde(default)]
+    tokenizer_blake3: Value,
+    domains: BTreeMap<String, BTreeMap<String, ArrowSplit>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ArrowSplit {
+    tokens: u64,
+    documents: u64,
+    bytes: u64,
+    shards: Vec<ArrowShard>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ArrowShard {
+    file: String,
+    tokens: u64,
+}
+
+fn open_arrow_shards(dir: &Path, only: Option<&[String]>) -> Result<Corpus, TrainError> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io("read", &path, e))?;
+    let manifest: ArrowManifest = serde_json::from_str(&text).map_err(|e| TrainError::Data {
+        path: path.clone(),
+        message: format!("not a `shard` manifest: {e}"),
+        hint: Some("point `data` at the output of a `shard` stage".into()),
+    })?;
+    let width = match manifest.dtype.as_str() {
+        "uint16" => 2,
+        "uint32" => 4,
+        other => {
+            return Err(TrainError::data(
+                &path,
+                format!("dtype `{other}` is not uint16 or uint32"),
+            ));
+        }
+    };
+    if manifest.eot_id < 0 || manifest.eot_id >= manifest.vocab_size {
+        return Err(TrainError::data(
+            &path,
+            format!(
+                "eot {} is outside the vocabulary of {}",
+                manifest.eot_id, manifest.vocab_size
+            ),
+        ));
+    }
+    let available: Vec<String> = manifest.domains.keys().cloned().collect();
+    let mut domains = BTreeMap::new();
+    for (name, splits) in &manifest.domains {
+        if only.is_some_and(|o| !o.contains(name)) {
+            continue;
+        }
+        let open = |split: &str| -> Result<Split, TrainError> {
+            let s = splits.get(split).ok_or_else(|| {
+                TrainError::data(&path, format!("domain `{name}` has no `{split}` split"))
+            })?;
+            Ok(Split {
+                tokens: decode_arrow_split(dir, s, width, manifest.vocab_size)?,
+                docs: s.documents,
+                bytes: s.bytes,
+            })
+        };
+        let (train, val) = (open("train")?, open("val")?);
+        domains.insert(name.clone(), Domain { train, val });
+    }
+    Ok(Corpus {
+        path: dir.to_path_buf(),
+        layout: Layout::Shards,
+        vocab: Vocabulary {
+            size: manifest.vocab_size,
+            eot: manifest.eot_id,
+            mask: None,
+            tokenizer: json!({"eot": manifest.eot, "blake3": manifest.tokenizer_blake3}),
+        },
+        domains,
+        available,
+    })
+}
+
+/// One split's Arrow shards, decoded in order into an unnamed temporary file of
+/// little-endian ids, checked against the manifest's counts and the vocabulary.
+fn decode_arrow_split(
+    dir: &Path,
+    split: &ArrowSplit,
+    width: usize,
+    vocab: i64,
+) -> Result<TokenStore, TrainError> {
+    use arrow_array::{Array, UInt16Array, UInt32Array};
+    use std::io::BufWriter;
+
+    let tmp =
+        tempfile::tempfile().map_err(|e| TrainError::io("create", std::env::temp_dir(), e))?;
+    let mut out = BufWriter::with_capacity(1 << 20, tmp);
+    let mut total = 0u64;
+    for shard in &split.shards {
+        let rel = Path::new(&shard.file);
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(TrainError::data(
+                dir.join("manifest.json"),
+                format!(
+                    "`{}` must be a relative path inside the shard directory",
+                    shard.file
+                ),
+            ));
+        }
+        let file_path = dir.join(rel);
+        let file = File::open(&file_path).map_err(|e| TrainError::io("open", &file_path, e))?;
+        let reader = arrow_ipc::reader::StreamReader::try_new(BufReader::new(file), None)
+            .map_err(|e| TrainError::data(&file_path, format!("not an Arrow IPC stream: {e}")))?;
+        let mut in_shard = 0u64;
+        for batch in reader {
+            let batch = batch
+                .map_err(|e| TrainError::data(&file_path, format!("unreadable batch: {e}")))?;
+            let column = batch.column(0);
+            let mut bytes = Vec::with_capacity(column.len() * width);
+            let mut max = 0u32;
+            if let Some(ids) = column.as_any().downcast_ref::<UInt16Array>() {
+                for &id in ids.values() {
+                    max = max.max(u32::from(id));
+                    push_id(&mut bytes, u32::from(id), width);
+                }
+            } else if let Some(ids) = column.as_any().downcast_ref::<UInt32Array>() {
+                for &id in ids.values() {
+                    max = max.max(id);
+                    push_id(&mut bytes, id, width);
+                }
+            } else {
+                return Err(TrainError::data(
+                    &file_path,
+                    format!("column is {}, not uint16/uint32", column.data_type()),
+                ));
+            }
+            if column.null_count() > 0 || i64::from(max) >= vocab {
+                return Err(TrainError::data(
+                    &file_path,
+                    format!("holds nulls or ids outside the vocabulary of {vocab}"),
+                ));
+            }
+            in_shard += column.len() as u64;
+            out.write_all(&bytes)
+                .map_err(|e| TrainError::io("write", std::env::temp_dir(), e))?;
+        }
+        if in_shard != shard.tokens {
+            return Err(TrainError::data(
+                &file_path,
+                format!(
+                    "holds {in_shard} tokens, but the manifest says {}",
+                    shard.tokens
+                ),
+            ));
+        }
+        total += in_shard;
+    }
+    if total != split.tokens {
+        return Err(TrainError::data(
+            dir.join("manifest.json"),
+            format!(
+                "a split's shards hold {total} tokens, but it says {}",
+                split.tokens
+            ),
+        ));
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| TrainError::io("write", std::env::temp_dir(), e.into_error()))?;
+    Ok(TokenStore::File {
+        file,
+        path: dir.to_path_buf(),
+        width,
+        len: total,
+    })
+}
+
+fn push_id(bytes: &mut Vec<u8>, id: u32, width: usize) {
+    if width == 2 {
+        bytes.extend_from_slice(&(id as u16).to_le_bytes());
+    } else {
+        bytes.extend_from_slice(&id.to_le_bytes());
+    }
 }
 
 fn open_shards(dir: &Path, only: Option<&[String]>) -> Result<Corpus, TrainError> {

@@ -38,7 +38,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), TrainError
     }
     let mut text = Value::Object(header).to_string().into_bytes();
     // The data starts 8-byte aligned.
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let tmp = path.with_extension("safetensors.tmp");

@@ -311,7 +311,7 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
         pending.push(step_loss);
         window.1 += (hi - lo) * seq_len;
 
-        if step % log_every == 0 || step == steps {
+        if step.is_multiple_of(log_every) || step == steps {
             flush(&mut pending, &mut recent)?;
             let loss = mean_last(&recent, (step - last_logged) as usize);
             let secs = window.0.elapsed().as_secs_f64();
@@ -332,7 +332,7 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
             last_logged = step;
             window = (Instant::now(), 0);
         }
-        if eval_every > 0 && (step % eval_every == 0 || step == steps) {
+        if eval_every > 0 && (step.is_multiple_of(eval_every) || step == steps) {
             let t = Instant::now();
             flush(&mut pending, &mut recent)?;
             let m = evaluate(&run.model, &run.corpus, &curve_sets, spec.batch_size)?;
@@ -348,7 +348,7 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
             window.0 += t.elapsed();
         }
         if step < steps
-            && (step % checkpoint_every == 0
+            && (step.is_multiple_of(checkpoint_every)
                 || last_checkpoint.elapsed().as_secs_f64() > spec.checkpoint_minutes * 60.0)
         {
             flush(&mut pending, &mut recent)?;

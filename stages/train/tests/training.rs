@@ -27,17 +27,17 @@ struct Outcome {
 /// cancels once a progress event reaches `stop_at`.
 fn train(data: &Path, dir: &Path, params: Value, stop_at: Option<u64>) -> Outcome {
     let out = dir.join("out");
-    std::fs::create_dir_all(&out).unwrap();
+    std::fs::create_dir_all(&out).expect("test setup");
     let spec = spec::train_spec(
-        params.as_object().unwrap(),
+        params.as_object().expect("test setup"),
         data.to_path_buf(),
         None,
         out.clone(),
         dir.join("scratch"),
         DeviceRequest::Cpu,
     )
-    .unwrap();
-    std::fs::create_dir_all(dir.join("scratch")).unwrap();
+    .expect("test setup");
+    std::fs::create_dir_all(dir.join("scratch")).expect("test setup");
     run(&Job::Train(Box::new(spec)), &out, stop_at)
 }
 
@@ -49,10 +49,10 @@ fn run(job: &Job, out: &Path, stop_at: Option<u64>) -> Outcome {
         if stop_at.is_some_and(|s| v["step"].as_u64().is_some_and(|step| step >= s)) {
             cancel.store(true, Ordering::SeqCst);
         }
-        progress.lock().unwrap().push(v);
+        progress.lock().expect("test setup").push(v);
     };
     let on_log = |line: &str| {
-        let mut l = log.lock().unwrap();
+        let mut l = log.lock().expect("test setup");
         l.push_str(line);
         l.push('\n');
     };
@@ -66,12 +66,12 @@ fn run(job: &Job, out: &Path, stop_at: Option<u64>) -> Outcome {
     );
     let eval = std::fs::read_to_string(out.join("eval.json"))
         .ok()
-        .map(|t| serde_json::from_str(&t).unwrap());
+        .map(|t| serde_json::from_str(&t).expect("test setup"));
     Outcome {
         result,
         eval,
-        progress: progress.into_inner().unwrap(),
-        log: log.into_inner().unwrap(),
+        progress: progress.into_inner().expect("test setup"),
+        log: log.into_inner().expect("test setup"),
     }
 }
 
@@ -89,10 +89,11 @@ fn short_run(seed: u64) -> Value {
 /// The entropy (nats) of each domain's held-out bytes: no unigram model does better, so a
 /// model below it uses context.
 fn unigram_entropy(domain: &str) -> f64 {
-    let corpus = Corpus::open(&fixture(), HeldOut::default(), Some(&[domain.to_string()])).unwrap();
-    let val = &corpus.domain(domain).unwrap().val;
+    let corpus = Corpus::open(&fixture(), HeldOut::default(), Some(&[domain.to_string()]))
+        .expect("test setup");
+    let val = &corpus.domain(domain).expect("test setup").val;
     let mut tokens = vec![0i64; val.tokens.len() as usize];
-    val.tokens.read(0, &mut tokens).unwrap();
+    val.tokens.read(0, &mut tokens).expect("test setup");
     let mut counts = [0u64; 256];
     for t in tokens.into_iter().filter(|&t| t < 256) {
         counts[t as usize] += 1;
@@ -357,7 +358,7 @@ fn hf_check(model_dir: &Path) -> Option<Value> {
         .env("TRANSFORMERS_OFFLINE", "1")
         .env("HF_HUB_OFFLINE", "1")
         .output()
-        .unwrap();
+        .expect("test setup");
     if out.status.code() == Some(3) {
         return skip(&format!(
             "{} has no transformers: {}",
@@ -371,7 +372,7 @@ fn hf_check(model_dir: &Path) -> Option<Value> {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    Some(serde_json::from_str(stdout.lines().last().unwrap()).unwrap())
+    Some(serde_json::from_str(stdout.lines().last().expect("test setup")).expect("test setup"))
 }
 
 #[test]

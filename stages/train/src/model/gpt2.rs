@@ -87,6 +87,9 @@ impl Gpt2 {
     }
 
     /// Logits `[batch, seq, vocab]` in `dtype`.
+    // `x += y` on a tch tensor is an in-place add, which would overwrite the residual that
+    // layer norm's backward still needs.
+    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, ids: &Tensor, dropout: f64, dtype: Kind) -> Tensor {
         let (b, t) = (ids.size()[0], ids.size()[1]);
         let d = self.wte.size()[1];
