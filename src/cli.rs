@@ -43,6 +43,8 @@ pub enum Command {
     Show(StageArgs),
     /// Print the pipeline's DAG (Graphviz DOT, or Mermaid).
     Dag(DagArgs),
+    /// Print where the pipeline's report is (the output of its `report` stages).
+    Report(PipelineArgs),
     /// List the stage kinds and their params.
     Kinds,
     /// Inspect and clean the cache.

@@ -259,6 +259,47 @@ fn dispatch_command(
                 }
             }
         }
+        Command::Report(args) => {
+            let (engine, pipeline) = open_with_pipeline(cache_args, &args)?;
+            let expanded = engine.expanded(&pipeline).map_err(Failure::engine)?;
+            let ids: Vec<&str> = expanded
+                .stages
+                .iter()
+                .filter(|s| s.kind == "report")
+                .map(|s| s.id.as_str())
+                .collect();
+            if ids.is_empty() {
+                return Err(Failure::usage(
+                    format!("{} has no stage of kind `report`", args.file.display()),
+                    "add one: `- {id: report, kind: report, inputs: {runs: <target trainings>}}` (see `autoscale kinds`)",
+                ));
+            }
+            let mut missing = Vec::new();
+            for id in ids {
+                match engine
+                    .cached_manifest(&pipeline, id)
+                    .map_err(Failure::engine)?
+                {
+                    Ok(manifest) => {
+                        let dir = engine.cache().output_dir(&manifest.key);
+                        render::print_report(id, &dir, json);
+                    }
+                    Err(_) => missing.push(id.to_string()),
+                }
+            }
+            render::print_remote_warnings(&engine.cache().take_remote_warnings());
+            if missing.is_empty() {
+                Ok(exit::OK)
+            } else {
+                Err(Failure::usage(
+                    format!(
+                        "no report yet: `{}` has not run for the current params",
+                        missing.join("`, `")
+                    ),
+                    format!("run `autoscale run {}` first", args.file.display()),
+                ))
+            }
+        }
         Command::Dag(args) => {
             let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
             let pipeline = engine.expanded(&pipeline).map_err(Failure::engine)?;

@@ -442,6 +442,20 @@ pub fn print_explanation(e: &Explanation, json: bool) {
     }
 }
 
+/// `autoscale report`: a report stage's HTML and markdown, and its folder.
+pub fn print_report(stage: &str, dir: &Path, json: bool) {
+    let mut out = std::io::stdout().lock();
+    let (html, md) = (dir.join("report.html"), dir.join("report.md"));
+    if json {
+        let line = json!({"stage": stage, "dir": dir, "html": html, "markdown": md});
+        let _ = writeln!(out, "{line}");
+    } else {
+        let _ = writeln!(out, "{stage}: {}", html.display());
+        let _ = writeln!(out, "  markdown  {}", md.display());
+        let _ = writeln!(out, "  plots     {}", dir.display());
+    }
+}
+
 pub fn print_show(stage: &str, dir: &Path, m: &Manifest, log: Option<&[u8]>, json: bool) {
     let mut out = std::io::stdout().lock();
     if json {

@@ -29,17 +29,23 @@ export AUTOSCALE_REQUIRE_S3_TESTS=1
 # tokenizer.json from Python (tests/python/test_data.py); in CI those checks must run, not skip.
 .venv/bin/pip install --quiet --disable-pip-version-check 'pyarrow>=14' 'tokenizers>=0.20' 'datasets>=2.19' 'pytest>=7'
 export AUTOSCALE_REQUIRE_DATA_PYTHON=1
-# The `train`/`eval` kinds on libtorch (feature `torch`) are not in CI yet: their torch-linked
-# tests have not passed here end to end. Build and run them with:
-#   .venv/bin/pip install torch==2.13.0 transformers
-#   PATH=$PWD/.venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 cargo test --features torch -p autoscale-train
+# torch, pinned to the libtorch tch 0.26 expects: the `train`/`eval` kinds link it (feature
+# `torch`) and the demo pipelines train on it; transformers: a test loads our Hugging Face export
+# in it. In CI those checks must run, not skip.
+.venv/bin/pip install --quiet --disable-pip-version-check 'torch==2.13.0' 'transformers>=4.40'
+export AUTOSCALE_REQUIRE_TRANSFORMERS=1
+# torch-sys finds libtorch in the venv's torch wheel; the binary gets an rpath to it (build.rs).
+torch_cargo() { PATH="$PWD/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1 cargo "$@"; }
 
-echo "== formatting and lints"
+echo "== formatting and lints (without and with libtorch)"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+torch_cargo clippy --workspace --all-targets --locked --features torch -- -D warnings
 
 echo "== Python tools"
 python3 examples/proxy/ngram_proxy.py --self-test
 
-echo "== Rust tests"
-cargo test --workspace --locked
+# One build of the tests, with libtorch: every test of the default build runs in it too (the
+# `torch` feature only adds); clippy above checks that the default build compiles.
+echo "== Rust tests (feature torch)"
+torch_cargo test --workspace --locked --features torch
