@@ -3,7 +3,9 @@
 
 mod command;
 mod data;
+mod font;
 mod mixture_kinds;
+mod report;
 
 use std::sync::Arc;
 
@@ -16,10 +18,12 @@ pub use data::{
     DataError, DownloadKind, ENDOFTEXT, PrepareKind, ShardKind, ShardManifest, SplitStats,
     TokenizerKind,
 };
+pub use font::FontError;
 pub use mixture_kinds::{
     BaselineError, BaselineMethod, BaselineRequest, DdoKind, DdoPlanFile, DdoPlanKind, MixtureKind,
     PredictKind, baseline_weights,
 };
+pub use report::{ReportError, ReportKind};
 
 /// Every built-in kind, ready to hand to the engine.
 pub fn builtin_kinds() -> KindRegistry {
@@ -33,5 +37,6 @@ pub fn builtin_kinds() -> KindRegistry {
     kinds.register(Arc::new(DdoKind));
     kinds.register(Arc::new(PredictKind));
     kinds.register(Arc::new(MixtureKind));
+    kinds.register(Arc::new(ReportKind));
     kinds
 }

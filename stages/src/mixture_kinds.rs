@@ -883,7 +883,7 @@ fn mixture(params: &Map<String, Value>) -> Result<(BaselineMethod, MixtureWeight
 // Plots
 
 /// Series colours (Tableau 10), cycled.
-const COLORS: [RGBColor; 10] = [
+pub(crate) const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -903,6 +903,7 @@ type PlotResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 /// Each domain's objective ratio against its multiplier: the runs as dots, the fitted
 /// `(x + a)^(-b) + c` as a line, the optimum as a cross.
 fn fits_svg(report: &DdoReport) -> Result<String, StageError> {
+    crate::font::ensure_registered().map_err(|e| StageError::failed(e.to_string()))?;
     let mut svg = String::new();
     draw_fits(
         SVGBackend::with_string(&mut svg, PLOT_SIZE).into_drawing_area(),
@@ -984,6 +985,7 @@ fn prediction_svg(
     inputs: &[ScaleComposition],
     prediction: &Prediction,
 ) -> Result<String, StageError> {
+    crate::font::ensure_registered().map_err(|e| StageError::failed(e.to_string()))?;
     let mut svg = String::new();
     draw_prediction(
         SVGBackend::with_string(&mut svg, PLOT_SIZE).into_drawing_area(),
@@ -1088,7 +1090,7 @@ fn draw_prediction(
 }
 
 /// The positive finite values' range, widened by a quarter on a log axis; `(0.1, 10)` if none.
-fn padded_log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub(crate) fn padded_log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values
         .filter(|v| v.is_finite() && *v > 0.0)
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
@@ -1102,7 +1104,7 @@ fn padded_log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 /// The finite values' range, widened by a tenth (or by 0.05 when flat); `(0, 1)` if none.
-fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub(crate) fn padded_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values
         .filter(|v| v.is_finite())
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
