@@ -11,6 +11,7 @@ pub mod graph;
 pub mod key;
 pub mod kind;
 pub mod pipeline;
+pub mod process;
 pub mod run;
 
 pub use devices::GpuSpec;

@@ -18,7 +18,7 @@ use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use autoscale_engine::{InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind};
 use serde_json::{Map, Value, json};
@@ -157,7 +157,7 @@ impl StageKind for CommandKind {
             }
             if ctx.cancelled() {
                 if let Some(pgid) = pgid {
-                    stop_group(pgid, &mut child);
+                    autoscale_engine::process::stop_group(pgid, &mut child, GRACE);
                 }
                 return Err(StageError::Cancelled);
             }
@@ -270,19 +270,6 @@ fn quote(path: &Path) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
-}
-
-fn stop_group(pgid: rustix::process::Pid, child: &mut std::process::Child) {
-    let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::TERM);
-    let deadline = Instant::now() + GRACE;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
-    let _ = child.wait();
 }
 
 #[cfg(test)]

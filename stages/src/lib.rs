@@ -4,6 +4,8 @@
 mod command;
 mod data;
 mod font;
+#[cfg(test)]
+mod kind_harness;
 mod mixture_kinds;
 mod report;
 

@@ -1322,56 +1322,8 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
 
-    /// A stage's directories under a temp dir, and a way to run a kind there.
-    struct Harness {
-        root: tempfile::TempDir,
-    }
-
-    impl Harness {
-        fn new() -> Self {
-            Self {
-                root: tempfile::tempdir().expect("temp dir"),
-            }
-        }
-
-        fn dir(&self, name: &str) -> PathBuf {
-            let dir = self.root.path().join(name);
-            std::fs::create_dir_all(&dir).expect("create dir");
-            dir
-        }
-
-        fn run(
-            &self,
-            kind: &dyn StageKind,
-            id: &str,
-            params: Value,
-            inputs: BTreeMap<String, InputPath>,
-        ) -> Result<(PathBuf, Value), StageError> {
-            let Value::Object(params) = params else {
-                panic!("params must be a map")
-            };
-            let out_dir = self.dir(&format!("out/{id}"));
-            let cancel = AtomicBool::new(false);
-            let env = BTreeMap::new();
-            let ctx = StageContext {
-                stage_id: id,
-                params: &params,
-                inputs: &inputs,
-                out_dir: out_dir.clone(),
-                scratch_dir: self.dir(&format!("scratch/{id}")),
-                work_dir: self.root.path().to_owned(),
-                log_path: self.root.path().join(format!("{id}.log")),
-                devices: None,
-                env: &env,
-                cancel: &cancel,
-                progress: &|_| {},
-            };
-            kind.check(&params).map_err(StageError::failed)?;
-            kind.run(&ctx).map(|summary| (out_dir, summary))
-        }
-    }
+    use crate::kind_harness::Harness;
 
     fn read(path: &Path) -> Value {
         serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json")

@@ -1,62 +1,14 @@
 use super::*;
-use std::sync::atomic::AtomicBool;
 
 use crate::mixture_kinds::{DdoKind, DdoPlanKind, MixtureKind, PredictKind};
 
-/// Stage directories under a temp dir, and a way to run a kind there.
-struct Harness {
-    root: tempfile::TempDir,
-}
+use crate::kind_harness::Harness;
 
-impl Harness {
-    fn new() -> Self {
-        Self {
-            root: tempfile::tempdir().expect("temp dir"),
-        }
-    }
-
-    fn dir(&self, name: &str) -> PathBuf {
-        let dir = self.root.path().join(name);
-        std::fs::create_dir_all(&dir).expect("create dir");
-        dir
-    }
-
-    fn run(
-        &self,
-        kind: &dyn StageKind,
-        id: &str,
-        params: Value,
-        inputs: BTreeMap<String, InputPath>,
-    ) -> Result<(PathBuf, Value), StageError> {
-        let Value::Object(params) = params else {
-            panic!("params must be a map")
-        };
-        let out_dir = self.dir(&format!("out/{id}"));
-        let cancel = AtomicBool::new(false);
-        let env = BTreeMap::new();
-        let ctx = StageContext {
-            stage_id: id,
-            params: &params,
-            inputs: &inputs,
-            out_dir: out_dir.clone(),
-            scratch_dir: self.dir(&format!("scratch/{id}")),
-            work_dir: self.root.path().to_owned(),
-            log_path: self.root.path().join(format!("{id}.log")),
-            devices: None,
-            env: &env,
-            cancel: &cancel,
-            progress: &|_| {},
-        };
-        kind.check(&params).map_err(StageError::failed)?;
-        kind.run(&ctx).map(|summary| (out_dir, summary))
-    }
-
-    /// A target run's directory holding `eval`, as `runs` member `child`.
-    fn eval_dir(&self, child: &str, eval: &Value) -> PathBuf {
-        let dir = self.dir(&format!("runs/{child}"));
-        std::fs::write(dir.join("eval.json"), eval.to_string()).expect("write eval.json");
-        dir
-    }
+/// A target run's directory holding `eval`, as `runs` member `child`.
+fn eval_dir(h: &Harness, child: &str, eval: &Value) -> PathBuf {
+    let dir = h.dir(&format!("runs/{child}"));
+    std::fs::write(dir.join("eval.json"), eval.to_string()).expect("write eval.json");
+    dir
 }
 
 fn read(path: &Path) -> Value {
@@ -163,7 +115,7 @@ fn two_seed_runs(h: &Harness) -> BTreeMap<String, PathBuf> {
     ] {
         runs.insert(
             child.to_owned(),
-            h.eval_dir(child, &trainer_eval(&domains, &curve)),
+            eval_dir(h, child, &trainer_eval(&domains, &curve)),
         );
     }
     let natural = trainer_eval(
@@ -172,7 +124,7 @@ fn two_seed_runs(h: &Harness) -> BTreeMap<String, PathBuf> {
     );
     runs.insert(
         "target[natural,0]".into(),
-        h.eval_dir("target[natural,0]", &natural),
+        eval_dir(h, "target[natural,0]", &natural),
     );
     runs
 }
@@ -317,7 +269,7 @@ fn ngram_runs_without_curves_report_no_speedup_instead_of_inventing_one() {
         ("target[uniform,1]", 2.15, 2.35),
     ] {
         let eval = ngram_eval(&[("books", books), ("code", code)]);
-        runs.insert(child.to_owned(), h.eval_dir(child, &eval));
+        runs.insert(child.to_owned(), eval_dir(&h, child, &eval));
     }
     let (out, _) = h
         .run(&ReportKind, "report", json!({}), runs_input(runs))
@@ -351,7 +303,7 @@ fn a_reference_that_loses_to_uniform_is_said_plainly() {
     let mut runs = BTreeMap::new();
     for (child, loss) in [("target[predict]", 2.5), ("target[uniform]", 2.0)] {
         let eval = ngram_eval(&[("books", loss), ("code", loss)]);
-        runs.insert(child.to_owned(), h.eval_dir(child, &eval));
+        runs.insert(child.to_owned(), eval_dir(&h, child, &eval));
     }
     let (out, _) = h
         .run(&ReportKind, "report", json!({}), runs_input(runs))
@@ -374,7 +326,7 @@ fn a_run_id_without_mixture_and_seed_is_named_in_the_error() {
     let h = Harness::new();
     let mut runs = two_seed_runs(&h);
     let eval = ngram_eval(&[("books", 2.0), ("code", 3.0)]);
-    runs.insert("target_uniform_2".into(), h.eval_dir("odd", &eval));
+    runs.insert("target_uniform_2".into(), eval_dir(&h, "odd", &eval));
     let Err(StageError::Failed { message, hint }) =
         h.run(&ReportKind, "report", json!({}), runs_input(runs))
     else {
@@ -390,11 +342,11 @@ fn runs_on_different_domains_and_a_missing_reference_are_errors() {
     let mut runs = BTreeMap::new();
     runs.insert(
         "t[predict,0]".to_owned(),
-        h.eval_dir("a", &ngram_eval(&[("books", 2.0), ("code", 3.0)])),
+        eval_dir(&h, "a", &ngram_eval(&[("books", 2.0), ("code", 3.0)])),
     );
     runs.insert(
         "t[uniform,0]".to_owned(),
-        h.eval_dir("b", &ngram_eval(&[("books", 2.0)])),
+        eval_dir(&h, "b", &ngram_eval(&[("books", 2.0)])),
     );
     let err = h
         .run(&ReportKind, "report", json!({}), runs_input(runs.clone()))

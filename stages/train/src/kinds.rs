@@ -14,7 +14,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use autoscale_engine::{InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind};
 use serde::{Deserialize, Serialize};
@@ -533,7 +533,7 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
         }
         if ctx.cancelled() {
             if let Some(pgid) = pgid {
-                stop_group(pgid, &mut child);
+                autoscale_engine::process::stop_group(pgid, &mut child, GRACE);
             }
             return Err(TrainError::Cancelled);
         }
@@ -567,19 +567,6 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
             })
         }
     }
-}
-
-fn stop_group(pgid: rustix::process::Pid, child: &mut std::process::Child) {
-    let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::TERM);
-    let deadline = Instant::now() + GRACE;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
-    let _ = child.wait();
 }
 
 /// For the child: dies with its parent, so a killed `autoscale` leaves no training behind.
