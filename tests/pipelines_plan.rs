@@ -65,16 +65,18 @@ fn gpt2_large_plans_offline_with_every_proxy_training() {
     assert_eq!(proxies, 45);
     assert_eq!(count(&c, "download_c4", "download"), 1);
     assert_eq!(count(&c, "prepare", "prepare"), 7);
-    assert_eq!(count(&c, "predict", "predict"), 3, "3B, 5B and 10B");
-    assert_eq!(count(&c, "target_autoscale", "train"), 3);
-    assert_eq!(
-        count(&c, "target", "train"),
-        6,
-        "uniform and LLaMA at 3 scales"
-    );
-    assert_eq!(
-        count(&c, "eval", "eval") + count(&c, "eval_autoscale", "eval"),
-        9
+    // Predictions for 3B, 5B and 10B and the 0.6B check; at each target scale three trainings
+    // (AutoScale, uniform, LLaMA), their evals and a report.
+    for scale in ["3b", "5b", "10b"] {
+        assert_eq!(count(&c, &format!("predict_{scale}"), "predict"), 1);
+        assert_eq!(count(&c, &format!("target_{scale}"), "train"), 3, "{c:?}");
+        assert_eq!(count(&c, &format!("eval_{scale}"), "eval"), 3, "{c:?}");
+        assert_eq!(count(&c, &format!("report_{scale}"), "report"), 1);
+    }
+    assert_eq!(count(&c, "predict_check", "predict"), 1);
+    assert!(
+        stages.iter().any(|s| s["stage"] == "target_10b[llama]"),
+        "{stages:?}"
     );
     // Nothing has run: every stage is to run or waits, and a planned proxy says why.
     assert!(stages.iter().all(|s| s["state"] != "cached"), "{stages:?}");
@@ -107,6 +109,7 @@ fn bert_base_plans_offline_with_every_proxy_training() {
     assert_eq!(count(&c, "prepare", "prepare"), 8);
     assert_eq!(count(&c, "target", "train"), 2);
     assert_eq!(count(&c, "eval", "eval"), 2);
+    assert_eq!(count(&c, "report", "report"), 1);
     let perturbed: Vec<&str> = stages
         .iter()
         .filter_map(|s| s["stage"].as_str())
