@@ -166,16 +166,20 @@ pub(crate) fn count(
     }
 }
 
+/// An optional count that must be at least 1 when given.
+fn nonzero(params: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, TrainError> {
+    match count(params, name)? {
+        Some(0) => Err(TrainError::param(name, "must be at least 1")),
+        other => Ok(other),
+    }
+}
+
 fn positive(
     params: &Map<String, Value>,
     name: &'static str,
     default: u64,
 ) -> Result<u64, TrainError> {
-    match count(params, name)? {
-        Some(0) => Err(TrainError::param(name, "must be at least 1")),
-        Some(n) => Ok(n),
-        None => Ok(default),
-    }
+    Ok(nonzero(params, name)?.unwrap_or(default))
 }
 
 fn string<'a>(
@@ -383,10 +387,7 @@ pub fn train_spec(
     let epochs = positive(params, "epochs", 1)?;
     let epochs = u32::try_from(epochs)
         .map_err(|_| TrainError::param("epochs", format!("{epochs} is too many")))?;
-    let seq_len = match count(params, "seq_len")? {
-        Some(0) => return Err(TrainError::param("seq_len", "must be at least 1")),
-        other => other,
-    };
+    let seq_len = nonzero(params, "seq_len")?;
     let eval_tokens = positive(params, "eval_tokens", 16_384)?;
     Ok(TrainSpec {
         data,
@@ -417,10 +418,7 @@ pub fn train_spec(
             curve_tokens: positive(params, "curve_tokens", 2048)?.min(eval_tokens),
             every: count(params, "eval_every")?,
         },
-        checkpoint_every: match count(params, "checkpoint_every")? {
-            Some(0) => return Err(TrainError::param("checkpoint_every", "must be at least 1")),
-            other => other,
-        },
+        checkpoint_every: nonzero(params, "checkpoint_every")?,
         checkpoint_minutes: match float(params, "checkpoint_minutes")? {
             Some(m) if m <= 0.0 => {
                 return Err(TrainError::param("checkpoint_minutes", "must be positive"));
@@ -428,19 +426,8 @@ pub fn train_spec(
             Some(m) => m,
             None => 30.0,
         },
-        log_every: match count(params, "log_every")? {
-            Some(0) => return Err(TrainError::param("log_every", "must be at least 1")),
-            other => other,
-        },
-        threads: count(params, "threads")?
-            .map(|n| {
-                if n == 0 {
-                    Err(TrainError::param("threads", "must be at least 1"))
-                } else {
-                    Ok(n as usize)
-                }
-            })
-            .transpose()?,
+        log_every: nonzero(params, "log_every")?,
+        threads: nonzero(params, "threads")?.map(|n| n as usize),
         held_out: held_out(params)?,
     })
 }
@@ -461,19 +448,8 @@ pub fn eval_spec(
         domains: strings(params, "domains")?,
         tokens: positive(params, "eval_tokens", 16_384)?,
         batch_size: positive(params, "batch_size", 8)?,
-        seq_len: match count(params, "seq_len")? {
-            Some(0) => return Err(TrainError::param("seq_len", "must be at least 1")),
-            other => other,
-        },
-        threads: count(params, "threads")?
-            .map(|n| {
-                if n == 0 {
-                    Err(TrainError::param("threads", "must be at least 1"))
-                } else {
-                    Ok(n as usize)
-                }
-            })
-            .transpose()?,
+        seq_len: nonzero(params, "seq_len")?,
+        threads: nonzero(params, "threads")?.map(|n| n as usize),
         held_out: held_out(params)?,
     })
 }
