@@ -127,7 +127,9 @@ fn bert_base_plans_offline_with_every_proxy_training() {
 
 #[test]
 fn a_planned_fanout_is_what_the_run_then_expands() {
-    // The children `status` plans before the source runs are the ones the run creates.
+    // The children `status` plans before the source runs are the ones the run creates, down to
+    // their keys (sevenths as weights: the planned params must equal what the run's fanout.json
+    // reads back).
     let ws = Workspace::new();
     let file = ws.write(
         "plan.yaml",
@@ -136,7 +138,7 @@ name: plan
 stages:
   - id: plan
     kind: ddo_plan
-    params: {domains: [a, b], base_tokens: 1000, multipliers: [0.5, 2]}
+    params: {domains: [a, b, c, d, e, f, g], base_tokens: 1000, multipliers: [0.2, 3]}
   - id: child
     kind: command
     fanout: plan
@@ -148,7 +150,7 @@ stages:
         .iter()
         .filter_map(|s| s["stage"].as_str().map(str::to_string))
         .collect();
-    assert_eq!(before.len(), 6, "{before:?}");
+    assert_eq!(before.len(), 16, "{before:?}");
     let (code, events) = ws.run_json(&[file]);
     assert_eq!(code, 0);
     let mut ran = common::with_outcome(&events, "executed");

@@ -62,6 +62,23 @@ impl ChildMessage {
 /// How long a stopped training gets between SIGTERM and SIGKILL.
 const GRACE: Duration = Duration::from_secs(5);
 
+// Shared by `train` and `eval`.
+const THREADS: ParamSpec = ParamSpec::optional(
+    "threads",
+    ParamType::Int,
+    "CPU threads [default: every core]",
+);
+const VAL_FRACTION: ParamSpec = ParamSpec::optional(
+    "val_fraction",
+    ParamType::Float,
+    "JSONL data: held-out share of each domain's bytes [default: 0.1]",
+);
+const VAL_DOCS: ParamSpec = ParamSpec::optional(
+    "val_docs",
+    ParamType::Int,
+    "JSONL data: at most this many held-out documents [default: 50]",
+);
+
 const TRAIN_PARAMS: &[ParamSpec] = &[
     ParamSpec::optional(
         "model",
@@ -183,21 +200,9 @@ const TRAIN_PARAMS: &[ParamSpec] = &[
         ParamType::Int,
         "steps between progress events [default: a hundredth of the run]",
     ),
-    ParamSpec::optional(
-        "threads",
-        ParamType::Int,
-        "CPU threads [default: every core]",
-    ),
-    ParamSpec::optional(
-        "val_fraction",
-        ParamType::Float,
-        "JSONL data: held-out share of each domain's bytes [default: 0.1]",
-    ),
-    ParamSpec::optional(
-        "val_docs",
-        ParamType::Int,
-        "JSONL data: at most this many held-out documents [default: 50]",
-    ),
+    THREADS,
+    VAL_FRACTION,
+    VAL_DOCS,
     ParamSpec::optional(
         "run",
         ParamType::Any,
@@ -236,21 +241,9 @@ const EVAL_PARAMS: &[ParamSpec] = &[
         ParamType::Int,
         "tokens per sequence [default: the training's]",
     ),
-    ParamSpec::optional(
-        "threads",
-        ParamType::Int,
-        "CPU threads [default: every core]",
-    ),
-    ParamSpec::optional(
-        "val_fraction",
-        ParamType::Float,
-        "JSONL data: held-out share of each domain's bytes [default: 0.1]",
-    ),
-    ParamSpec::optional(
-        "val_docs",
-        ParamType::Int,
-        "JSONL data: at most this many held-out documents [default: 50]",
-    ),
+    THREADS,
+    VAL_FRACTION,
+    VAL_DOCS,
 ];
 
 /// `train`: trains a GPT-2 or BERT preset on a domain mixture and validates it per domain.
