@@ -8,7 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use autoscale_mixture::{
-    DdoOptions, MixError, MixtureWeights, Objective, PlanOptions, ScaleComposition, Target,
+    BootstrapOptions, DdoOptions, FlatPolicy, MixError, MixtureWeights, Objective, PlanOptions,
+    ScaleComposition, Target,
 };
 use autoscale_stages::{BaselineError, BaselineMethod, BaselineRequest, baseline_weights};
 use clap::builder::PossibleValuesParser;
@@ -56,6 +57,31 @@ struct DdoArgs {
     /// `{"weights": {...}}`.
     #[arg(long, value_name = "FILE.json")]
     base_weights: Option<PathBuf>,
+    /// A domain whose objective does not fall with more data: `bound` gives it the lower bound
+    /// and a warning, `fail` stops with an error.
+    #[arg(long, value_enum, default_value_t = FlatArg::Bound)]
+    flat_domains: FlatArg,
+    /// Bootstrap resamples for the weights' 5-95% intervals, given two or more base rows
+    /// (replicates of the base run); 0 turns them off.
+    #[arg(long, value_name = "N", default_value_t = BootstrapOptions::default().resamples)]
+    bootstrap: u32,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum FlatArg {
+    /// The domain gets the lower bound; the others share the rest of the budget.
+    Bound,
+    /// Stop with an error.
+    Fail,
+}
+
+impl From<FlatArg> for FlatPolicy {
+    fn from(f: FlatArg) -> Self {
+        match f {
+            FlatArg::Bound => FlatPolicy::Bound,
+            FlatArg::Fail => FlatPolicy::Fail,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -91,6 +117,10 @@ struct PredictArgs {
     /// Or: apply AutoScale's rule K times past the largest scale.
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
     steps: Option<u32>,
+    /// Bootstrap resamples for the predicted weights' 5-95% intervals, when every file is a
+    /// `mix ddo --json` report from two or more base runs; 0 turns them off.
+    #[arg(long, value_name = "N", default_value_t = BootstrapOptions::default().resamples)]
+    bootstrap: u32,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +137,13 @@ struct PlanArgs {
     /// The base run's composition when not uniform: `{"books": 0.3, ...}` or `{"weights": {...}}`.
     #[arg(long, value_name = "FILE.json")]
     base_weights: Option<PathBuf>,
+    /// Replicates of the base run (`base`, `base-s1`, ...) with seeds SEED, SEED+1, ...: two or
+    /// more let `mix ddo` measure the noise.
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    base_seeds: u32,
+    /// The seed of the first base run and of every perturbed run.
+    #[arg(long, value_name = "SEED", default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +191,11 @@ fn ddo(args: DdoArgs, json: bool) -> Result<u8, Failure> {
         min_multiplier: args.lower_bound,
         base_weights: args.base_weights.as_deref().map(read_weights).transpose()?,
         scale_tokens: args.tokens,
+        flat_domains: args.flat_domains.into(),
+        bootstrap: BootstrapOptions {
+            resamples: args.bootstrap,
+            ..BootstrapOptions::default()
+        },
     };
     let report = autoscale_mixture::ddo_from_csv_path(&args.results, &options).map_err(|e| {
         failure(
@@ -199,7 +241,12 @@ fn predict(args: PredictArgs, json: bool) -> Result<u8, Failure> {
                 .map_err(|e| failure(Some(path), e, WEIGHTS_FILE_HINT))?,
         );
     }
-    let prediction = autoscale_mixture::predict(&scales, target).map_err(|e| {
+    let bootstrap = BootstrapOptions {
+        resamples: args.bootstrap,
+        ..BootstrapOptions::default()
+    };
+    let prediction = autoscale_mixture::predict_with_bootstrap(&scales, target, &bootstrap)
+        .map_err(|e| {
         failure(
             None,
             e,
@@ -218,6 +265,8 @@ fn plan(args: PlanArgs, json: bool) -> Result<u8, Failure> {
     let options = PlanOptions {
         multipliers: args.multipliers,
         base_weights: args.base_weights.as_deref().map(read_weights).transpose()?,
+        base_seeds: args.base_seeds,
+        seed: args.seed,
     };
     let runs = autoscale_mixture::plan(&args.domains, args.tokens, &options).map_err(|e| {
         failure(

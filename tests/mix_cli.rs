@@ -326,3 +326,119 @@ fn pipeline_plans_trains_fits_and_predicts() {
         "7 stages, 12 fanned-out runs: {summary}"
     );
 }
+
+#[test]
+fn ddo_puts_a_flat_domain_on_the_bound() {
+    let csv = fixture("ddo_flat.csv");
+    let csv = csv.to_str().expect("utf-8 path");
+    let report = autoscale_json(&["mix", "ddo", "--results", csv, "--tokens", "300M"]);
+    let github = report["domains"]
+        .as_array()
+        .expect("domains")
+        .iter()
+        .find(|d| d["name"] == "github")
+        .expect("github keeps its place")
+        .clone();
+    assert_eq!(github["flat"], true, "{github}");
+    assert_eq!(github["on_bound"], true, "{github}");
+    assert!(github["fit"].is_null(), "{github}");
+    assert_eq!(num(&github["multiplier"]), 0.2);
+    assert!((num(&report["weights"]["github"]) - 0.2 / 3.0).abs() < 1e-9);
+    let warnings: Vec<&str> = report["warnings"]
+        .as_array()
+        .expect("warnings")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        warnings.iter().any(|w| w.contains(
+            "domain `github`: no measurable benefit at this scale (y(0.2)=0.9957, y(1)=1.0000, y(3)=1.0640); it gets the lower bound"
+        )),
+        "{warnings:?}"
+    );
+    let sum: f64 = report["weights"]
+        .as_object()
+        .expect("weights")
+        .values()
+        .map(num)
+        .sum();
+    assert!((sum - 1.0).abs() < 1e-9);
+
+    let out = autoscale(&["mix", "ddo", "--results", csv, "--flat-domains", "fail"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("domain `github`: the objective does not decrease with more data")
+            && err.contains("hint:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn base_replicates_give_noise_snr_and_intervals() {
+    let csv = fixture("ddo_replicates.csv");
+    let csv = csv.to_str().expect("utf-8 path");
+    let report = autoscale_json(&["mix", "ddo", "--results", csv, "--tokens", "300M"]);
+    let noise = &report["noise"];
+    assert_eq!(noise["base_runs"], 3);
+    assert!((num(&noise["sigma"]) - 0.00625).abs() < 1e-12, "{noise}");
+    assert_eq!(noise["base_objectives"].as_array().map(Vec::len), Some(3));
+    assert_eq!(report["bootstrap"]["resamples"], 400);
+    assert_eq!(num(&report["bootstrap"]["level"]), 0.9);
+    for d in report["domains"].as_array().expect("domains") {
+        let snr = num(&d["snr"]);
+        let points = d["points"].as_array().expect("points");
+        let dy = num(&points[0]["ratio"]) - num(&points[2]["ratio"]);
+        assert!((snr - dy.abs() / 0.00625).abs() < 1e-6, "{d}");
+        assert_eq!(d["within_noise"], false, "{d}");
+        let interval = d["interval"].as_array().expect("an interval");
+        let (lo, hi) = (num(&interval[0]), num(&interval[1]));
+        let w = num(&d["weight"]);
+        assert!(lo < hi && lo <= w + 1e-9 && w <= hi + 1e-9, "{d}");
+    }
+
+    // Two DDO reports with noise: the prediction gets intervals too.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut files = Vec::new();
+    for tokens in ["300M", "900M"] {
+        let report = autoscale_json(&["mix", "ddo", "--results", csv, "--tokens", tokens]);
+        let path = dir.path().join(format!("ddo_{tokens}.json"));
+        std::fs::write(&path, report.to_string()).expect("write");
+        files.push(path.display().to_string());
+    }
+    let p = autoscale_json(&[
+        "mix",
+        "predict",
+        "--at",
+        &files[0],
+        "--at",
+        &files[1],
+        "--target",
+        "3B",
+        "--bootstrap",
+        "100",
+    ]);
+    assert_eq!(p["bootstrap"]["resamples"], 100, "{p}");
+    for d in p["domains"].as_array().expect("domains") {
+        let interval = d["interval"].as_array().expect("an interval");
+        assert!(num(&interval[0]) <= num(&interval[1]), "{d}");
+        assert_eq!(d["censored"], false, "{d}");
+    }
+    // A plain weights file has no noise: no interval, and the output says so.
+    let plain = dir.path().join("plain.json");
+    std::fs::write(&plain, r#"{"books": 0.3, "c4": 0.6, "github": 0.1}"#).expect("write");
+    let at_plain = format!("100M={}", plain.display());
+    let p = autoscale_json(&[
+        "mix", "predict", "--at", &at_plain, "--at", &files[0], "--steps", "1",
+    ]);
+    assert!(p["bootstrap"].is_null(), "{p}");
+    assert!(p["domains"][0]["interval"].is_null(), "{p}");
+    assert!(
+        p["warnings"]
+            .as_array()
+            .expect("warnings")
+            .iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("no intervals"))),
+        "{p}"
+    );
+}

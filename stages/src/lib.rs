@@ -6,6 +6,7 @@ mod data;
 mod font;
 #[cfg(test)]
 mod kind_harness;
+mod learning;
 mod mixture_kinds;
 mod report;
 
@@ -21,6 +22,7 @@ pub use data::{
     TokenizerKind,
 };
 pub use font::FontError;
+pub use learning::{Learning, LearningDomain};
 pub use mixture_kinds::{
     BaselineError, BaselineMethod, BaselineRequest, DdoKind, DdoPlanFile, DdoPlanKind, MixtureKind,
     PredictKind, baseline_weights,

@@ -21,13 +21,16 @@ use autoscale_engine::{
     FanoutChild, InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind,
 };
 use autoscale_mixture::{
-    DdoOptions, DdoReport, MixError, MixtureWeights, Objective, PlanOptions, PlannedRun,
-    Prediction, ScaleComposition, Target, TokenQuantities, baselines,
+    BootstrapOptions, DdoOptions, DdoReport, FlatPolicy, MixError, MixtureWeights, Objective,
+    PlanOptions, PlannedRun, Prediction, ScaleComposition, Target, TokenQuantities, baselines,
 };
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+
+use crate::data::ShardManifest;
+use crate::learning::Learning;
 
 // ---------------------------------------------------------------------------------------------
 // ddo_plan
@@ -56,6 +59,16 @@ const DDO_PLAN_PARAMS: &[ParamSpec] = &[
         ParamType::Map,
         "the base run's composition, domain: weight [default: uniform]",
     ),
+    ParamSpec::optional(
+        "base_seeds",
+        ParamType::Int,
+        "replicates of the base run with seeds seed, seed+1, ...; 2 or more measure the noise [default: 1]",
+    ),
+    ParamSpec::optional(
+        "seed",
+        ParamType::Int,
+        "the training seed of the first base run and of every perturbed run [default: 0]",
+    ),
 ];
 
 /// `plan.json`: what `ddo_plan` hands to `ddo`.
@@ -66,8 +79,16 @@ pub struct DdoPlanFile {
     pub multipliers: Vec<f64>,
     /// As given; `None` is uniform.
     pub base_weights: Option<MixtureWeights>,
+    #[serde(default = "one_seed")]
+    pub base_seeds: u32,
+    #[serde(default)]
+    pub seed: u64,
     /// Each run's `id` is its fan-out id: letters, digits, `_`, `-` and `.` only.
     pub runs: Vec<PlannedRun>,
+}
+
+fn one_seed() -> u32 {
+    1
 }
 
 impl StageKind for DdoPlanKind {
@@ -76,7 +97,7 @@ impl StageKind for DdoPlanKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -128,9 +149,18 @@ fn ddo_plan(params: &Map<String, Value>) -> Result<DdoPlanFile, StageError> {
         .map(MixtureWeights::normalized)
         .transpose()
         .map_err(|e| mix_failure("`base_weights`", &e))?;
+    let base_seeds = count(params, "base_seeds", 1)?.unwrap_or(1);
+    let base_seeds = u32::try_from(base_seeds).map_err(|_| {
+        param_error(format!(
+            "`base_seeds` is {base_seeds}; that is too many runs"
+        ))
+    })?;
+    let seed = count(params, "seed", 0)?.unwrap_or(0);
     let options = PlanOptions {
         multipliers: multipliers.clone(),
         base_weights: base_weights.clone(),
+        base_seeds,
+        seed,
     };
     let mut runs = autoscale_mixture::plan(&domains, base_tokens, &options)
         .map_err(|e| mix_failure("cannot plan the DDO runs", &e))?;
@@ -155,15 +185,17 @@ fn ddo_plan(params: &Map<String, Value>) -> Result<DdoPlanFile, StageError> {
         base_tokens,
         multipliers,
         base_weights,
+        base_seeds,
+        seed,
         runs,
     })
 }
 
-/// `base`, or `<domain>-x<multiplier>` with anything but letters, digits, `_`, `-`, `.` in the
-/// domain replaced by `_`, so it can sit inside a stage id.
+/// `base` (`base-s1`, ... for replicates), or `<domain>-x<multiplier>` with anything but
+/// letters, digits, `_`, `-`, `.` in the domain replaced by `_`, so it can sit inside a stage id.
 fn run_id(run: &PlannedRun) -> String {
     match &run.perturbed {
-        None => "base".to_owned(),
+        None => run.id.clone(),
         Some(domain) => {
             let clean: String = domain
                 .chars()
@@ -195,6 +227,7 @@ fn fanout_child(run: &PlannedRun) -> Value {
             "run": run.id,
             "perturbed": run.perturbed,
             "multiplier": run.multiplier,
+            "seed": run.seed,
             "total_tokens": total,
             "tokens": tokens,
             "weights": run.weights,
@@ -218,6 +251,16 @@ const DDO_PARAMS: &[ParamSpec] = &[
         "lower_bound",
         ParamType::Float,
         "the least multiplier of a domain's base tokens, in [0, 1] [default: 0.2]",
+    ),
+    ParamSpec::optional(
+        "flat_domains",
+        ParamType::String,
+        "bound (default): a domain whose objective does not fall gets the lower bound; fail: stop",
+    ),
+    ParamSpec::optional(
+        "bootstrap",
+        ParamType::Int,
+        "resamples of the weights' 5-95% intervals, given 2+ base runs; 0 turns them off [default: 400]",
     ),
 ];
 
@@ -246,7 +289,7 @@ impl StageKind for DdoKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -262,7 +305,7 @@ impl StageKind for DdoKind {
     }
 
     fn run(&self, ctx: &StageContext<'_>) -> Result<Value, StageError> {
-        let (objective, min_multiplier) = ddo_options(ctx.params)?;
+        let params = ddo_options(ctx.params)?;
         let plan_dir = one_input(ctx, "plan", "the `ddo_plan` stage")?;
         let plan_path = plan_dir.join("plan.json");
         let plan: DdoPlanFile = read_json(&plan_path)?;
@@ -273,22 +316,69 @@ impl StageKind for DdoKind {
         }
         let csv = results_csv(&plan, &results);
         let options = DdoOptions {
-            objective,
-            min_multiplier,
             base_weights: plan.base_weights.clone(),
             scale_tokens: Some(plan.base_tokens),
+            ..params
         };
-        let report = autoscale_mixture::parse_ddo_csv(csv.as_bytes())
+        let mut report = autoscale_mixture::parse_ddo_csv(csv.as_bytes())
             .and_then(|runs| autoscale_mixture::ddo(&runs, &options))
             .map_err(|e| mix_failure("DDO failed on the proxy runs' results", &e))?;
+        let learning = learning_check(ctx, &plan, &results)?;
+        if let Some(learning) = &learning {
+            report.warnings.extend(learning.warning());
+            write_json(&ctx.out_dir, "learning.json", learning)?;
+        }
         write_file(&ctx.out_dir.join("results.csv"), csv.as_bytes())?;
         write_json(&ctx.out_dir, "weights.json", &report)?;
         write_file(&ctx.out_dir.join("fits.svg"), fits_svg(&report)?.as_bytes())?;
-        Ok(json!({ "weights": report.weights, "warnings": report.warnings }))
+        let snr: BTreeMap<&str, Option<f64>> = report
+            .domains
+            .iter()
+            .map(|d| (d.name.as_str(), d.snr))
+            .collect();
+        Ok(json!({
+            "weights": report.weights,
+            "warnings": report.warnings,
+            "learning": learning.as_ref().map(Learning::summary),
+            "noise": {
+                "base_runs": report.noise.base_runs,
+                "sigma": report.noise.sigma,
+                "snr": snr,
+                "note": report.noise.note,
+            },
+        }))
     }
 }
 
-fn ddo_options(params: &Map<String, Value>) -> Result<(Objective, f64), StageError> {
+/// With input `data` (the `shard` stage): did the base runs learn more than token frequencies?
+/// See [`Learning`].
+fn learning_check(
+    ctx: &StageContext<'_>,
+    plan: &DdoPlanFile,
+    results: &[RunResult],
+) -> Result<Option<Learning>, StageError> {
+    let Some(input) = ctx.inputs.get("data") else {
+        return Ok(None);
+    };
+    let InputPath::One(dir) = input else {
+        return Err(StageError::Failed {
+            message: "input `data` is a fan-out group".into(),
+            hint: Some("`data` is the `shard` stage whose shards the proxies trained on".into()),
+        });
+    };
+    let manifest: ShardManifest = read_json(&dir.join("manifest.json"))?;
+    let base: Vec<BTreeMap<String, f64>> = plan
+        .runs
+        .iter()
+        .zip(results)
+        .filter(|(run, _)| run.perturbed.is_none())
+        .map(|(_, result)| result.perplexities.clone())
+        .collect();
+    Ok(Learning::check(&base, &manifest))
+}
+
+/// The `ddo` params as options; the plan adds the base weights and the scale.
+fn ddo_options(params: &Map<String, Value>) -> Result<DdoOptions, StageError> {
     let objective = match string(params, "objective")? {
         Some(name) => name
             .parse::<Objective>()
@@ -301,7 +391,31 @@ fn ddo_options(params: &Map<String, Value>) -> Result<(Objective, f64), StageErr
             "`lower_bound` is {lower_bound}; it must lie in [0, 1] so the budget can be met"
         )));
     }
-    Ok((objective, lower_bound))
+    let flat_domains = match string(params, "flat_domains")? {
+        Some(name) => name
+            .parse::<FlatPolicy>()
+            .map_err(|e| param_error(format!("`flat_domains`: {e}")))?,
+        None => FlatPolicy::default(),
+    };
+    Ok(DdoOptions {
+        objective,
+        min_multiplier: lower_bound,
+        flat_domains,
+        bootstrap: bootstrap_options(params)?,
+        ..DdoOptions::default()
+    })
+}
+
+/// The `bootstrap` param (resamples; 0 turns it off) over the default level and seed.
+fn bootstrap_options(params: &Map<String, Value>) -> Result<BootstrapOptions, StageError> {
+    let mut options = BootstrapOptions::default();
+    if let Some(n) = count(params, "bootstrap", 0)? {
+        options.resamples = u32::try_from(n)
+            .ok()
+            .filter(|n| *n <= 100_000)
+            .ok_or_else(|| param_error(format!("`bootstrap` is {n}; at most 100000 resamples")))?;
+    }
+    Ok(options)
 }
 
 /// One run's evaluation, matched to the plan.
@@ -478,6 +592,11 @@ const PREDICT_PARAMS: &[ParamSpec] = &[
         ParamType::Map,
         "total tokens of inputs that do not record them: input name (or fan-out member id): tokens",
     ),
+    ParamSpec::optional(
+        "bootstrap",
+        ParamType::Int,
+        "resamples of the predicted weights' 5-95% intervals, when every input is a DDO report with 2+ base runs; 0 turns them off [default: 400]",
+    ),
 ];
 
 impl StageKind for PredictKind {
@@ -486,7 +605,7 @@ impl StageKind for PredictKind {
     }
 
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn summary(&self) -> &'static str {
@@ -500,6 +619,7 @@ impl StageKind for PredictKind {
     fn check(&self, params: &Map<String, Value>) -> Result<(), String> {
         predict_target(params)
             .and_then(|_| float_map(params, "scales"))
+            .and_then(|_| bootstrap_options(params))
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
@@ -507,20 +627,24 @@ impl StageKind for PredictKind {
     fn run(&self, ctx: &StageContext<'_>) -> Result<Value, StageError> {
         let target = predict_target(ctx.params)?;
         let scales = float_map(ctx.params, "scales")?.unwrap_or_default();
+        let bootstrap = bootstrap_options(ctx.params)?;
         let compositions = read_compositions(ctx.inputs, &scales)?;
-        let prediction = autoscale_mixture::predict(&compositions, target).map_err(|e| {
-            let mut failure = mix_failure("cannot predict the composition", &e);
-            if let StageError::Failed {
-                hint: hint @ None, ..
-            } = &mut failure
-            {
-                *hint = Some(
+        let prediction =
+            autoscale_mixture::predict_with_bootstrap(&compositions, target, &bootstrap).map_err(
+                |e| {
+                    let mut failure = mix_failure("cannot predict the composition", &e);
+                    if let StageError::Failed {
+                        hint: hint @ None, ..
+                    } = &mut failure
+                    {
+                        *hint = Some(
                     "give `predict` two or more inputs, each a `ddo` stage run at a different scale"
                         .into(),
                 );
-            }
-            failure
-        })?;
+                    }
+                    failure
+                },
+            )?;
         write_json(&ctx.out_dir, "weights.json", &prediction)?;
         let svg = prediction_svg(&compositions, &prediction)?;
         write_file(&ctx.out_dir.join("prediction.svg"), svg.as_bytes())?;
@@ -925,7 +1049,7 @@ fn draw_fits(root: DrawingArea<SVGBackend<'_>, Shift>, report: &DdoReport) -> Pl
         d.points
             .iter()
             .map(|p| p.ratio)
-            .chain([d.fit.eval(d.multiplier)])
+            .chain(d.fit.map(|f| f.eval(d.multiplier)))
     });
     let (y_lo, y_hi) = padded_range(ys);
     let mut chart = ChartBuilder::on(&root)
@@ -946,17 +1070,25 @@ fn draw_fits(root: DrawingArea<SVGBackend<'_>, Shift>, report: &DdoReport) -> Pl
         .draw()?;
     for (i, d) in report.domains.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let curve: Vec<(f64, f64)> = (0..=120)
-            .map(|k| x_lo + (x_hi - x_lo) * f64::from(k) / 120.0)
-            .map(|x| (x, d.fit.eval(x)))
-            .filter(|(_, y)| y.is_finite() && (y_lo..=y_hi).contains(y))
-            .collect();
+        // A flat domain has no curve: its dots alone, and its weight on the bound.
+        let curve: Vec<(f64, f64)> = match d.fit {
+            Some(fit) => (0..=120)
+                .map(|k| x_lo + (x_hi - x_lo) * f64::from(k) / 120.0)
+                .map(|x| (x, fit.eval(x)))
+                .filter(|(_, y)| y.is_finite() && (y_lo..=y_hi).contains(y))
+                .collect(),
+            None => Vec::new(),
+        };
+        let label = match d.fit {
+            Some(f) => format!(
+                "{} (a {:.3}, b {:.3}, c {:.3}): w {:.3}",
+                d.name, f.a, f.b, f.c, d.weight
+            ),
+            None => format!("{} (flat, on the bound): w {:.3}", d.name, d.weight),
+        };
         chart
             .draw_series(LineSeries::new(curve, color.stroke_width(2)))?
-            .label(format!(
-                "{} (a {:.3}, b {:.3}, c {:.3}): w {:.3}",
-                d.name, d.fit.a, d.fit.b, d.fit.c, d.weight
-            ))
+            .label(label)
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
             });
@@ -965,9 +1097,11 @@ fn draw_fits(root: DrawingArea<SVGBackend<'_>, Shift>, report: &DdoReport) -> Pl
                 .iter()
                 .map(|p| Circle::new((p.multiplier, p.ratio), 4, color.filled())),
         )?;
-        let optimum = (d.multiplier, d.fit.eval(d.multiplier));
-        if optimum.1.is_finite() {
-            chart.draw_series([Cross::new(optimum, 7, color.stroke_width(2))])?;
+        if let Some(fit) = d.fit {
+            let optimum = (d.multiplier, fit.eval(d.multiplier));
+            if optimum.1.is_finite() {
+                chart.draw_series([Cross::new(optimum, 7, color.stroke_width(2))])?;
+            }
         }
     }
     chart
@@ -1147,6 +1281,19 @@ fn float(params: &Map<String, Value>, name: &str) -> Result<Option<f64>, StageEr
         .map(|v| {
             v.as_f64()
                 .ok_or_else(|| param_error(format!("`{name}` must be a number, not {v}")))
+        })
+        .transpose()
+}
+
+/// A whole-number param of at least `min`.
+fn count(params: &Map<String, Value>, name: &str, min: u64) -> Result<Option<u64>, StageError> {
+    present(params, name)
+        .map(|v| {
+            v.as_u64().filter(|n| *n >= min).ok_or_else(|| {
+                param_error(format!(
+                    "`{name}` is {v}; it must be a whole number >= {min}"
+                ))
+            })
         })
         .transpose()
 }
@@ -1368,22 +1515,32 @@ mod tests {
     /// Runs `ddo_plan`, then fakes the fanned-out training: one dir per child with eval.json
     /// from the synthetic law (the held-out domain is 5% harder, plain loss only).
     fn plan_and_train(h: &Harness) -> (PathBuf, BTreeMap<String, PathBuf>) {
+        plan_and_train_with(h, json!({"domains": DOMAINS, "base_tokens": 3e8}), 0.0)
+    }
+
+    /// [`plan_and_train`] with other plan params, and seed noise: a run with seed `k` reads
+    /// `1 + noise * (k mod 3 - 1)` times its loss.
+    fn plan_and_train_with(
+        h: &Harness,
+        plan: Value,
+        noise: f64,
+    ) -> (PathBuf, BTreeMap<String, PathBuf>) {
+        let base_runs = plan["base_seeds"].as_u64().unwrap_or(1) as usize;
         let (plan_dir, summary) = h
-            .run(
-                &DdoPlanKind,
-                "plan",
-                json!({"domains": DOMAINS, "base_tokens": 3e8}),
-                BTreeMap::new(),
-            )
+            .run(&DdoPlanKind, "plan", plan, BTreeMap::new())
             .expect("plan");
-        assert_eq!(summary["runs"].as_array().map(Vec::len), Some(7));
+        assert_eq!(
+            summary["runs"].as_array().map(Vec::len),
+            Some(6 + base_runs)
+        );
         let fanout = read(&plan_dir.join("fanout.json"));
         let mut runs = BTreeMap::new();
         for child in fanout["children"].as_array().expect("children") {
             let id = child["id"].as_str().expect("id");
             let p = &child["params"];
             let n = DOMAINS.map(|d| p["tokens"][d].as_f64().expect("tokens") / 1e8);
-            let l = synthetic_loss(&n);
+            let seed = p["seed"].as_u64().expect("seed") % 3;
+            let l = synthetic_loss(&n) * (1.0 + noise * (seed as f64 - 1.0));
             let mut domains = Map::new();
             for d in DOMAINS {
                 domains.insert(d.into(), json!({"ppl": l, "loss": l.ln()}));
@@ -1633,8 +1790,8 @@ mod tests {
                 inputs,
             )
             .expect("predict");
-        let p: Prediction =
-            serde_json::from_value(read(&dir.join("weights.json"))).expect("prediction");
+        let p: Prediction = serde_json::from_value(read(&dir.join("weights.json")))
+            .unwrap_or_else(|e| panic!("prediction: {e}"));
         assert!(
             (p.total_tokens - 1e10).abs() < 1e-3 * 1e10,
             "{}",
@@ -1744,5 +1901,82 @@ mod tests {
         assert_eq!(csv_field("books"), "books");
         assert_eq!(csv_field("a,\"b\""), "\"a,\"\"b\"\"\"");
         assert_eq!(csv_field("#x"), "\"#x\"");
+    }
+
+    #[test]
+    fn replicated_base_runs_carry_seeds_and_give_ddo_its_noise() {
+        let h = Harness::new();
+        let plan = json!({"domains": DOMAINS, "base_tokens": 3e8, "base_seeds": 3, "seed": 1});
+        let (plan_dir, runs) = plan_and_train_with(&h, plan, 0.002);
+        let fanout = read(&plan_dir.join("fanout.json"));
+        let children = fanout["children"].as_array().expect("children");
+        let ids: Vec<&str> = children.iter().filter_map(|c| c["id"].as_str()).collect();
+        assert_eq!(ids[..4], ["base", "base-s1", "base-s2", "books-x0.2"]);
+        let seeds: Vec<u64> = children
+            .iter()
+            .filter_map(|c| c["params"]["seed"].as_u64())
+            .collect();
+        assert_eq!(seeds, [1, 2, 3, 1, 1, 1, 1, 1, 1]);
+
+        let (dir, summary) = h
+            .run(
+                &DdoKind,
+                "ddo",
+                json!({"bootstrap": 50}),
+                ddo_inputs(&plan_dir, runs),
+            )
+            .expect("ddo");
+        let report: DdoReport =
+            serde_json::from_value(read(&dir.join("weights.json"))).expect("report");
+        assert_eq!(report.noise.base_runs, 3);
+        let sigma = report.noise.sigma.expect("measured");
+        assert!((sigma - 0.002).abs() < 1e-4, "{sigma}");
+        assert_eq!(report.bootstrap.as_ref().map(|b| b.resamples), Some(50));
+        assert!(
+            report
+                .domains
+                .iter()
+                .all(|d| d.interval.is_some() && d.snr.is_some())
+        );
+        assert_eq!(summary["noise"]["base_runs"], 3);
+        assert_eq!(summary["noise"]["sigma"].as_f64(), Some(sigma));
+        assert!(
+            summary["noise"]["snr"]["books"].as_f64().is_some(),
+            "{summary}"
+        );
+        // results.csv keeps one row per base replicate.
+        let csv = std::fs::read_to_string(dir.join("results.csv")).expect("csv");
+        assert_eq!(
+            csv.lines().filter(|l| l.starts_with(",1,")).count(),
+            3,
+            "{csv}"
+        );
+    }
+
+    #[test]
+    fn ddo_and_plan_check_the_new_params() {
+        for bad in [
+            json!({"flat_domains": "maybe"}),
+            json!({"bootstrap": -1}),
+            json!({"bootstrap": 1.5}),
+        ] {
+            assert!(DdoKind.check(&params(bad.clone())).is_err(), "{bad}");
+        }
+        assert!(
+            DdoKind
+                .check(&params(json!({"flat_domains": "fail", "bootstrap": 0})))
+                .is_ok()
+        );
+        let err = DdoPlanKind
+            .check(&params(
+                json!({"domains": ["a", "b"], "base_tokens": 1e6, "base_seeds": 0}),
+            ))
+            .expect_err("no base run");
+        assert!(err.contains("base_seeds"), "{err}");
+        assert!(
+            PredictKind
+                .check(&params(json!({"steps": 1, "bootstrap": "x"})))
+                .is_err()
+        );
     }
 }

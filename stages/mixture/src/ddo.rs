@@ -13,7 +13,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::fit::{PowerCurve, fit_power_curve};
+use crate::bootstrap::BootstrapOptions;
+use crate::fit::{CurveFit, PowerCurve, fit_power_curve, fit_primary_curve, refit_power_curve};
 use crate::{MixError, MixtureWeights, TokenQuantities, table};
 
 /// How one run's per-domain validation perplexities become the single number DDO minimises.
@@ -76,6 +77,17 @@ pub struct PlanOptions {
     pub multipliers: Vec<f64>,
     /// Base composition; uniform when `None`.
     pub base_weights: Option<MixtureWeights>,
+    /// Replicates of the base run with different seeds (1 by default). Their spread is the
+    /// only measure of the proxy runs' noise, so two or more let DDO say what is signal.
+    #[serde(default = "one")]
+    pub base_seeds: u32,
+    /// The seed of the first base run and of every perturbed run; replicate `k` gets `seed + k`.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Default for PlanOptions {
@@ -83,6 +95,8 @@ impl Default for PlanOptions {
         Self {
             multipliers: vec![0.2, 3.0],
             base_weights: None,
+            base_seeds: 1,
+            seed: 0,
         }
     }
 }
@@ -98,11 +112,16 @@ pub struct PlannedRun {
     pub tokens: TokenQuantities,
     pub weights: MixtureWeights,
     pub total_tokens: f64,
+    /// The training seed: perturbed runs share the first base run's, so their differences
+    /// from it are not seed noise.
+    #[serde(default)]
+    pub seed: u64,
 }
 
-/// The `1 + m * multipliers.len()` runs DDO needs at base total `base_tokens`: the base run,
-/// then for each domain `i` and multiplier `r` the base quantities with `N_i` replaced by
-/// `r * N_i` (the total changes with it).
+/// The `base_seeds + m * multipliers.len()` runs DDO needs at base total `base_tokens`: the
+/// base run (`base`, then replicates `base-s1`, `base-s2`, ... with seeds `seed + k`), then for
+/// each domain `i` and multiplier `r` the base quantities with `N_i` replaced by `r * N_i` (the
+/// total changes with it).
 pub fn plan(
     domains: &[String],
     base_tokens: f64,
@@ -129,13 +148,22 @@ pub fn plan(
             ),
         ));
     }
+    if options.base_seeds == 0 {
+        return Err(MixError::invalid(
+            "base seeds",
+            "0; DDO needs at least one base run",
+        ));
+    }
     let base = base_weights_for(domains, options.base_weights.as_ref())?;
     let base_tokens_of: BTreeMap<String, f64> = domains
         .iter()
         .zip(&base)
         .map(|(d, w)| (d.clone(), w * base_tokens))
         .collect();
-    let run = |perturbed: Option<&String>, multiplier: f64| -> Result<PlannedRun, MixError> {
+    let run = |perturbed: Option<&String>,
+               multiplier: f64,
+               replicate: u32|
+     -> Result<PlannedRun, MixError> {
         let tokens = TokenQuantities::new(base_tokens_of.iter().map(|(d, &n)| {
             let scaled = if Some(d) == perturbed {
                 n * multiplier
@@ -144,19 +172,28 @@ pub fn plan(
             };
             (d.clone(), scaled)
         }))?;
+        let id = match (perturbed, replicate) {
+            (Some(d), _) => format!("{d}-x{multiplier}"),
+            (None, 0) => "base".to_owned(),
+            (None, k) => format!("base-s{k}"),
+        };
         Ok(PlannedRun {
-            id: perturbed.map_or_else(|| "base".to_owned(), |d| format!("{d}-x{multiplier}")),
+            id,
             perturbed: perturbed.cloned(),
             multiplier,
             total_tokens: tokens.total(),
             weights: tokens.to_weights()?,
             tokens,
+            seed: options.seed.wrapping_add(u64::from(replicate)),
         })
     };
-    let mut runs = vec![run(None, 1.0)?];
+    let mut runs = Vec::new();
+    for k in 0..options.base_seeds {
+        runs.push(run(None, 1.0, k)?);
+    }
     for d in domains {
         for &r in &multipliers {
-            runs.push(run(Some(d), r)?);
+            runs.push(run(Some(d), r, 0)?);
         }
     }
     Ok(runs)
@@ -190,8 +227,8 @@ pub fn render_plan_table(runs: &[PlannedRun]) -> String {
 pub struct DdoRuns {
     /// Perplexity columns, in CSV order. Domains never perturbed count in the objective only.
     pub eval_domains: Vec<String>,
-    /// The base run's perplexities, in `eval_domains` order.
-    pub base: Vec<f64>,
+    /// The base run's perplexities, in `eval_domains` order: one row per replicate (seed).
+    pub base: Vec<Vec<f64>>,
     pub perturbed: Vec<PerturbedRun>,
 }
 
@@ -218,7 +255,8 @@ impl DdoRuns {
 
 /// Reads DDO results: header `perturbed,multiplier,<domain>,...`, one row per run, the base
 /// run with an empty `perturbed` and multiplier 1, one validation-perplexity column per
-/// evaluation domain. Lines starting with `#` are comments.
+/// evaluation domain. Several base rows are replicates of the base run with different seeds;
+/// a perturbed run given twice is an error. Lines starting with `#` are comments.
 pub fn parse_ddo_csv(reader: impl Read) -> Result<DdoRuns, MixError> {
     let mut csv = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
@@ -260,7 +298,7 @@ pub fn parse_ddo_csv(reader: impl Read) -> Result<DdoRuns, MixError> {
         ));
     }
 
-    let mut base: Option<(Vec<f64>, u64)> = None;
+    let mut base: Vec<Vec<f64>> = Vec::new();
     let mut perturbed = Vec::new();
     let mut seen: HashMap<(String, u64), u64> = HashMap::new();
     for record in csv.records() {
@@ -310,30 +348,27 @@ pub fn parse_ddo_csv(reader: impl Read) -> Result<DdoRuns, MixError> {
                 .ok_or_else(|| bad(name, cell, "is not a positive, finite perplexity"))?;
             perplexities.push(ppl);
         }
+        if domain.is_empty() {
+            base.push(perplexities);
+            continue;
+        }
         if let Some(first_line) = seen.insert((domain.to_owned(), multiplier.to_bits()), line) {
-            let run = if domain.is_empty() {
-                "the base run".to_owned()
-            } else {
-                format!("`{domain}` x{multiplier}")
-            };
             return Err(MixError::DuplicateRow {
                 line,
                 first_line,
-                run,
+                run: format!("`{domain}` x{multiplier}"),
             });
         }
-        if domain.is_empty() {
-            base = Some((perplexities, line));
-        } else {
-            perturbed.push(PerturbedRun {
-                domain: domain.to_owned(),
-                multiplier,
-                perplexities,
-                line,
-            });
-        }
+        perturbed.push(PerturbedRun {
+            domain: domain.to_owned(),
+            multiplier,
+            perplexities,
+            line,
+        });
     }
-    let (base, _) = base.ok_or(MixError::MissingBaseRow)?;
+    if base.is_empty() {
+        return Err(MixError::MissingBaseRow);
+    }
     let runs = DdoRuns {
         eval_domains,
         base,
@@ -357,6 +392,41 @@ pub fn parse_ddo_csv(reader: impl Read) -> Result<DdoRuns, MixError> {
     Ok(runs)
 }
 
+/// What DDO does with a trained domain whose objective does not fall with more of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlatPolicy {
+    /// Give it the lower bound and share the rest of the budget among the others: proxy runs
+    /// are noisy, and a domain with no measurable benefit at this scale is a finding.
+    #[default]
+    Bound,
+    /// Stop with [`MixError::NotDecreasing`].
+    Fail,
+}
+
+impl FlatPolicy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bound => "bound",
+            Self::Fail => "fail",
+        }
+    }
+}
+
+impl FromStr for FlatPolicy {
+    type Err = MixError;
+    fn from_str(s: &str) -> Result<Self, MixError> {
+        match s {
+            "bound" => Ok(Self::Bound),
+            "fail" => Ok(Self::Fail),
+            _ => Err(MixError::invalid(
+                "flat-domain policy",
+                format!("`{s}`; expected bound or fail"),
+            )),
+        }
+    }
+}
+
 /// Settings of the DDO fit and solve.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DdoOptions {
@@ -368,6 +438,12 @@ pub struct DdoOptions {
     pub base_weights: Option<MixtureWeights>,
     /// The base run's total tokens `N`; when given the report carries token quantities.
     pub scale_tokens: Option<f64>,
+    #[serde(default)]
+    pub flat_domains: FlatPolicy,
+    /// Intervals on the weights by a parametric bootstrap; it needs two or more base runs to
+    /// measure the noise, and `resamples: 0` turns it off.
+    #[serde(default)]
+    pub bootstrap: BootstrapOptions,
 }
 
 impl Default for DdoOptions {
@@ -377,6 +453,8 @@ impl Default for DdoOptions {
             min_multiplier: 0.2,
             base_weights: None,
             scale_tokens: None,
+            flat_domains: FlatPolicy::default(),
+            bootstrap: BootstrapOptions::default(),
         }
     }
 }
@@ -399,13 +477,78 @@ pub struct DomainResult {
     pub multiplier: f64,
     /// `w_i * N` when the scale `N` is known.
     pub tokens: Option<f64>,
-    pub fit: PowerCurve,
+    /// The fitted curve; `None` for a flat domain, which has no decreasing curve to fit.
+    pub fit: Option<PowerCurve>,
     /// The other exact interpolant of three points, if any; see [`crate::CurveFit`].
     pub alternate: Option<PowerCurve>,
-    pub fit_rms: f64,
+    /// `None` for a flat domain.
+    pub fit_rms: Option<f64>,
     pub points: Vec<CurvePoint>,
     /// True when `n_i` sits on `min_multiplier`: a floor, not an interior optimum.
     pub on_bound: bool,
+    /// True when the objective did not fall with more of the domain, so it was given the
+    /// lower bound without a fit ([`FlatPolicy::Bound`]).
+    #[serde(default)]
+    pub flat: bool,
+    /// `|y(r_hi) - y(r_lo)| / sigma` over the smallest and largest multiplier: the domain's
+    /// effect in units of the runs' noise. `None` when the noise was not measured (one base
+    /// run) or is zero.
+    #[serde(default)]
+    pub snr: Option<f64>,
+    /// True when `snr < 2`: the effect is not distinguishable from noise.
+    #[serde(default)]
+    pub within_noise: bool,
+    /// The bootstrap's percentile interval of `weight` (5-95% by default).
+    #[serde(default)]
+    pub interval: Option<[f64; 2]>,
+}
+
+/// The noise of the proxy runs, measured on the base run's replicates (seeds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Noise {
+    pub base_runs: usize,
+    /// Each base replicate's objective; their mean is the report's `base_objective`.
+    pub base_objectives: Vec<f64>,
+    /// Sample standard deviation of `base_objectives` over their mean: the noise in units of
+    /// the objective ratio `y`. `None` with a single base run.
+    pub sigma: Option<f64>,
+    pub note: String,
+}
+
+impl Default for Noise {
+    fn default() -> Self {
+        Self {
+            base_runs: 1,
+            base_objectives: Vec::new(),
+            sigma: None,
+            note: "noise not recorded".to_owned(),
+        }
+    }
+}
+
+impl Noise {
+    fn measure(base_objectives: Vec<f64>, mean: f64) -> Self {
+        let k = base_objectives.len();
+        let sigma = (k >= 2).then(|| {
+            let var = base_objectives
+                .iter()
+                .map(|o| (o - mean).powi(2))
+                .sum::<f64>()
+                / (k - 1) as f64;
+            var.sqrt() / mean.abs()
+        });
+        let note = match k {
+            1 => "single base run: noise not measured".to_owned(),
+            2 => "sigma from 2 base runs (1 degree of freedom)".to_owned(),
+            _ => format!("sigma from {k} base runs ({} degrees of freedom)", k - 1),
+        };
+        Self {
+            base_runs: k,
+            base_objectives,
+            sigma,
+            note,
+        }
+    }
 }
 
 /// The full DDO result. The top-level `weights` map makes this JSON readable as a plain
@@ -413,9 +556,10 @@ pub struct DomainResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DdoReport {
     pub objective: Objective,
+    /// The mean of the base replicates' objectives; every ratio divides by it.
     pub base_objective: f64,
     /// Predicted objective at the optimum over the base objective, from the additive model
-    /// `1 + sum_i (y_i(n_i) - y_i(1))`.
+    /// `1 + sum_i (y_i(n_i) - y_i(1))` over the fitted (not flat) domains.
     pub predicted_objective_ratio: f64,
     pub min_multiplier: f64,
     pub scale_tokens: Option<f64>,
@@ -425,6 +569,25 @@ pub struct DdoReport {
     /// Evaluation domains never perturbed: they shape the objective but get no weight.
     pub eval_only_domains: Vec<String>,
     pub warnings: Vec<String>,
+    #[serde(default)]
+    pub noise: Noise,
+    /// The bootstrap behind the `interval`s, when one ran.
+    #[serde(default)]
+    pub bootstrap: Option<BootstrapOptions>,
+}
+
+/// DDO's inputs once the runs are reduced to objective ratios: enough to redo the fit and
+/// solve, which the bootstrap does on resampled ratios. [`DdoReport::evidence`] rebuilds it
+/// from a report, so the predictor can redo DDO at each scale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DdoEvidence {
+    pub domains: Vec<String>,
+    pub base_weights: Vec<f64>,
+    /// Per domain, its points sorted by multiplier, the base point `(1, 1)` among them.
+    pub points: Vec<Vec<CurvePoint>>,
+    pub min_multiplier: f64,
+    pub base_runs: usize,
+    pub sigma: Option<f64>,
 }
 
 /// Reads the CSV (see [`parse_ddo_csv`]) and runs [`ddo`].
@@ -442,8 +605,10 @@ pub fn ddo_from_csv_path(path: &Path, options: &DdoOptions) -> Result<DdoReport,
 }
 
 /// Fits each trained domain's ratio curve `y_i(x) = (x + a_i)^(-b_i) + c_i` through its runs'
-/// objective over the base objective (with `y_i(1) = 1`), then solves for the multipliers with
-/// [`solve_multipliers`].
+/// objective over the mean base objective (with `y_i(1) = 1`), then solves for the
+/// multipliers with [`solve_multipliers`]. A domain whose objective does not fall goes to the
+/// lower bound or fails, per [`DdoOptions::flat_domains`]. With two or more base runs the
+/// report measures the noise and bootstraps intervals on the weights.
 pub fn ddo(runs: &DdoRuns, options: &DdoOptions) -> Result<DdoReport, MixError> {
     let objective = options.objective;
     if let Some(n) = options.scale_tokens
@@ -454,79 +619,115 @@ pub fn ddo(runs: &DdoRuns, options: &DdoOptions) -> Result<DdoReport, MixError> 
             format!("{n}; must be positive"),
         ));
     }
-    let base_objective = objective.evaluate(&runs.base);
-    let trained: Vec<String> = runs
-        .trained_domains()
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
-    let base = base_weights_for(&trained, options.base_weights.as_ref())?;
-    let mut fits = Vec::with_capacity(trained.len());
-    let mut warnings = Vec::new();
-    for domain in &trained {
-        let mut points = vec![CurvePoint {
-            multiplier: 1.0,
-            ratio: 1.0,
-        }];
-        points.extend(
-            runs.perturbed
-                .iter()
-                .filter(|r| &r.domain == domain)
-                .map(|r| CurvePoint {
-                    multiplier: r.multiplier,
-                    ratio: objective.evaluate(&r.perplexities) / base_objective,
-                }),
-        );
-        points.sort_by(|p, q| p.multiplier.total_cmp(&q.multiplier));
-        let xy: Vec<(f64, f64)> = points.iter().map(|p| (p.multiplier, p.ratio)).collect();
-        let fit = fit_power_curve(domain, &xy)?;
-        if points.len() == 3 && fit.rms_residual > 1e-6 {
-            warnings.push(format!(
-                "domain `{domain}`: no convex decreasing curve passes through its three points; using the least-squares fit (rms {:.2e})",
-                fit.rms_residual
-            ));
-        }
-        fits.push((points, fit));
-    }
-    let curves: Vec<PowerCurve> = fits.iter().map(|(_, f)| f.curve).collect();
-    let solution = solve_multipliers(&curves, &base, options.min_multiplier)?;
-    let raw: Vec<f64> = base
-        .iter()
-        .zip(&solution.multipliers)
-        .map(|(w0, n)| w0 * n)
-        .collect();
-    let weights = MixtureWeights::normalized(trained.iter().cloned().zip(raw))?;
+    let (evidence, noise) = evidence_from_runs(runs, options)?;
+    let base_objective = noise.base_objectives.iter().sum::<f64>() / noise.base_runs as f64;
+    let solved = fit_and_solve(
+        &evidence,
+        &evidence.points,
+        options.flat_domains,
+        FitDepth::WithAlternates,
+    )?;
+    let trained = &evidence.domains;
+    let weights = MixtureWeights::normalized(trained.iter().cloned().zip(solved.weights.clone()))?;
     let tokens = options
         .scale_tokens
         .map(|n| weights.to_tokens(n))
         .transpose()?;
     let predicted_objective_ratio = 1.0
-        + curves
+        + solved
+            .fits
             .iter()
-            .zip(&solution.multipliers)
-            .map(|(c, &n)| c.eval(n) - c.eval(1.0))
+            .zip(&solved.multipliers)
+            .filter_map(|(f, &n)| f.as_ref().map(|f| f.curve.eval(n) - f.curve.eval(1.0)))
             .sum::<f64>();
+
+    let mut warnings = Vec::new();
+    let all_flat = solved.flat.iter().all(Option::is_some);
+    if all_flat {
+        warnings.push(
+            "no domain's objective falls with more data at this scale; every domain keeps its base weight"
+                .to_owned(),
+        );
+    }
     let mut domains = Vec::with_capacity(trained.len());
-    for (i, (name, (points, fit))) in trained.iter().zip(fits).enumerate() {
-        if solution.on_bound[i] {
+    for (i, name) in trained.iter().enumerate() {
+        let points = evidence.points[i].clone();
+        let fit = solved.fits[i].as_ref();
+        if let Some(fit) = fit
+            && points.len() == 3
+            && fit.rms_residual > 1e-6
+        {
+            warnings.push(format!(
+                "domain `{name}`: no convex decreasing curve passes through its three points; using the least-squares fit (rms {:.2e})",
+                fit.rms_residual
+            ));
+        }
+        if let Some(detail) = &solved.flat[i]
+            && !all_flat
+        {
+            warnings.push(format!(
+                "domain `{name}`: no measurable benefit at this scale ({detail}); it gets the lower bound"
+            ));
+        } else if solved.on_bound[i] {
             warnings.push(format!(
                 "domain `{name}` sits on the lower bound (multiplier {}); its weight is a floor, not an interior optimum",
                 options.min_multiplier
             ));
         }
+        let snr = noise.sigma.filter(|s| *s > 0.0).and_then(|sigma| {
+            let (lo, hi) = (points.first()?, points.last()?);
+            Some((hi.ratio - lo.ratio).abs() / sigma)
+        });
         domains.push(DomainResult {
             weight: weights.get(name).unwrap_or(0.0),
             tokens: tokens.as_ref().and_then(|t| t.get(name)),
             name: name.clone(),
-            base_weight: base[i],
-            multiplier: solution.multipliers[i],
-            fit: fit.curve,
-            alternate: fit.alternate,
-            fit_rms: fit.rms_residual,
+            base_weight: evidence.base_weights[i],
+            multiplier: solved.multipliers[i],
+            fit: fit.map(|f| f.curve),
+            alternate: fit.and_then(|f| f.alternate),
+            fit_rms: fit.map(|f| f.rms_residual),
             points,
-            on_bound: solution.on_bound[i],
+            on_bound: solved.on_bound[i],
+            flat: solved.flat[i].is_some(),
+            snr,
+            within_noise: snr.is_some_and(|s| s < WITHIN_NOISE_SNR),
+            interval: None,
         });
     }
+    let noisy: Vec<String> = domains
+        .iter()
+        .filter(|d| d.within_noise)
+        .map(|d| format!("`{}` ({:.1})", d.name, d.snr.unwrap_or(0.0)))
+        .collect();
+    if !noisy.is_empty() {
+        warnings.push(format!(
+            "within noise (snr < {WITHIN_NOISE_SNR}): {}; their runs differ by less than twice the base runs' spread",
+            noisy.join(", ")
+        ));
+    }
+
+    let mut bootstrap = None;
+    if options.bootstrap.resamples > 0
+        && let Some(sigma) = evidence.sigma
+    {
+        let draws = crate::bootstrap::ddo_draws(&evidence, sigma, &options.bootstrap);
+        if let Some(intervals) =
+            crate::bootstrap::weight_intervals(&draws.solutions, options.bootstrap.level)
+        {
+            for (d, interval) in domains.iter_mut().zip(intervals) {
+                d.interval = Some(interval);
+            }
+            bootstrap = Some(options.bootstrap.clone());
+        }
+        if draws.failed > 0 {
+            warnings.push(format!(
+                "bootstrap: {} of {} resamples could not be solved and were left out",
+                draws.failed, options.bootstrap.resamples
+            ));
+        }
+    }
+
     Ok(DdoReport {
         objective,
         base_objective,
@@ -543,29 +744,116 @@ pub fn ddo(runs: &DdoRuns, options: &DdoOptions) -> Result<DdoReport, MixError> 
             .cloned()
             .collect(),
         warnings,
+        noise,
+        bootstrap,
     })
 }
 
+/// A domain whose effect is under this many noise units is "within noise".
+const WITHIN_NOISE_SNR: f64 = 2.0;
+
+/// The ratios DDO fits, each run's objective over the base replicates' mean, and the noise.
+pub(crate) fn evidence_from_runs(
+    runs: &DdoRuns,
+    options: &DdoOptions,
+) -> Result<(DdoEvidence, Noise), MixError> {
+    let objective = options.objective;
+    if runs.base.is_empty() {
+        return Err(MixError::MissingBaseRow);
+    }
+    let base_objectives: Vec<f64> = runs.base.iter().map(|p| objective.evaluate(p)).collect();
+    let mean = base_objectives.iter().sum::<f64>() / base_objectives.len() as f64;
+    if !(mean.is_finite() && mean != 0.0) {
+        return Err(MixError::invalid(
+            "base runs",
+            format!("their mean {objective} is {mean}; ratios to it mean nothing"),
+        ));
+    }
+    let trained: Vec<String> = runs
+        .trained_domains()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let base_weights = base_weights_for(&trained, options.base_weights.as_ref())?;
+    let mut points = Vec::with_capacity(trained.len());
+    for domain in &trained {
+        let mut pts = vec![CurvePoint {
+            multiplier: 1.0,
+            ratio: 1.0,
+        }];
+        for r in runs.perturbed.iter().filter(|r| &r.domain == domain) {
+            let ratio = objective.evaluate(&r.perplexities) / mean;
+            if !(ratio.is_finite() && r.multiplier.is_finite() && r.multiplier > 0.0) {
+                return Err(MixError::invalid(
+                    format!("run `{domain}` x{}", r.multiplier),
+                    format!("objective ratio {ratio} is not a finite number"),
+                ));
+            }
+            pts.push(CurvePoint {
+                multiplier: r.multiplier,
+                ratio,
+            });
+        }
+        pts.sort_by(|p, q| p.multiplier.total_cmp(&q.multiplier));
+        points.push(pts);
+    }
+    let noise = Noise::measure(base_objectives, mean);
+    let evidence = DdoEvidence {
+        domains: trained,
+        base_weights,
+        points,
+        min_multiplier: options.min_multiplier,
+        base_runs: noise.base_runs,
+        sigma: noise.sigma,
+    };
+    Ok((evidence, noise))
+}
+
 impl DdoReport {
+    /// The fit-and-solve inputs behind this report, for redoing DDO on resampled ratios.
+    pub fn evidence(&self) -> Result<DdoEvidence, MixError> {
+        Ok(DdoEvidence {
+            domains: self.domains.iter().map(|d| d.name.clone()).collect(),
+            base_weights: self.domains.iter().map(|d| d.base_weight).collect(),
+            points: self.domains.iter().map(|d| d.points.clone()).collect(),
+            min_multiplier: self.min_multiplier,
+            base_runs: self.noise.base_runs,
+            sigma: self.noise.sigma,
+        })
+    }
+
     /// A fixed-width table: one row per domain, then the objective and its predicted ratio.
     pub fn render_table(&self) -> String {
         let abc = |c: &PowerCurve| format!("({:.3}, {:.3}, {:.3})", c.a, c.b, c.c);
+        let dash = || "-".to_owned();
+        let level = self.bootstrap.as_ref().map_or(0.9, |b| b.level);
+        let interval_header = format!("{:.0}% interval", level * 100.0);
         let rows: Vec<Vec<String>> = self
             .domains
             .iter()
             .map(|d| {
+                let fit = |f: fn(&PowerCurve) -> f64| {
+                    d.fit.as_ref().map_or_else(dash, |c| format!("{:.4}", f(c)))
+                };
                 vec![
                     d.name.clone(),
                     format!("{:.4}", d.weight),
+                    d.interval
+                        .map_or_else(dash, |[lo, hi]| format!("{lo:.4}-{hi:.4}")),
                     format!("{:.3}", d.multiplier),
-                    d.tokens
-                        .map_or_else(|| "-".to_owned(), |t| format!("{t:.3e}")),
-                    format!("{:.4}", d.fit.a),
-                    format!("{:.4}", d.fit.b),
-                    format!("{:.4}", d.fit.c),
-                    d.alternate.as_ref().map_or_else(|| "-".to_owned(), abc),
-                    format!("{:.1e}", d.fit_rms),
-                    if d.on_bound { "yes" } else { "" }.to_owned(),
+                    d.tokens.map_or_else(dash, |t| format!("{t:.3e}")),
+                    fit(|c| c.a),
+                    fit(|c| c.b),
+                    fit(|c| c.c),
+                    d.alternate.as_ref().map_or_else(dash, abc),
+                    d.fit_rms.map_or_else(dash, |r| format!("{r:.1e}")),
+                    d.snr.map_or_else(dash, |s| format!("{s:.1}")),
+                    match (d.flat, d.on_bound) {
+                        (true, _) => "flat",
+                        (false, true) => "yes",
+                        (false, false) => "",
+                    }
+                    .to_owned(),
                 ]
             })
             .collect();
@@ -573,6 +861,7 @@ impl DdoReport {
             &[
                 "domain",
                 "weight",
+                &interval_header,
                 "n",
                 "tokens",
                 "a",
@@ -580,6 +869,7 @@ impl DdoReport {
                 "c",
                 "alt (a, b, c)",
                 "rms",
+                "snr",
                 "bound",
             ],
             &rows,
@@ -588,6 +878,18 @@ impl DdoReport {
             "objective {}: base {:.4}, predicted ratio at optimum {:.4}\n",
             self.objective, self.base_objective, self.predicted_objective_ratio
         ));
+        match self.noise.sigma {
+            Some(sigma) => {
+                out.push_str(&format!("noise: sigma {sigma:.4} ({})\n", self.noise.note))
+            }
+            None => out.push_str(&format!("noise: {}\n", self.noise.note)),
+        }
+        if let Some(b) = &self.bootstrap {
+            out.push_str(&format!(
+                "intervals: {} bootstrap resamples, seed {}\n",
+                b.resamples, b.seed
+            ));
+        }
         if !self.eval_only_domains.is_empty() {
             out.push_str(&format!(
                 "evaluated only: {}\n",
@@ -599,6 +901,102 @@ impl DdoReport {
         }
         out
     }
+}
+
+/// How much fitting [`fit_and_solve`] does: the report wants every exact interpolant, a
+/// bootstrap resample only the curve the solve uses, found from the point estimate's curve
+/// (per domain, where it has one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum FitDepth<'a> {
+    WithAlternates,
+    Primary(&'a [Option<PowerCurve>]),
+}
+
+/// One fit and solve: per domain its fit (`None` when flat, with the points that showed it),
+/// multiplier, whether it sits on the bound, and the weight `w0_i n_i`.
+#[derive(Debug, Clone)]
+pub(crate) struct Solved {
+    pub fits: Vec<Option<CurveFit>>,
+    pub flat: Vec<Option<String>>,
+    pub multipliers: Vec<f64>,
+    pub on_bound: Vec<bool>,
+    pub weights: Vec<f64>,
+}
+
+/// Fits every domain's `points` and solves for the multipliers. Under [`FlatPolicy::Bound`] a
+/// domain whose ratio does not fall gets `n_min` and the others share what is left of the
+/// budget, `sum_others w0_i n_i = 1 - n_min sum_flat w0_i`; when every domain is flat each
+/// keeps its base quantity (`n_i = 1`), since nothing was measured to move it.
+pub(crate) fn fit_and_solve(
+    evidence: &DdoEvidence,
+    points: &[Vec<CurvePoint>],
+    policy: FlatPolicy,
+    depth: FitDepth<'_>,
+) -> Result<Solved, MixError> {
+    let n_min = evidence.min_multiplier;
+    if !(n_min.is_finite() && (0.0..=1.0).contains(&n_min)) {
+        return Err(MixError::invalid(
+            "minimum multiplier",
+            format!("{n_min}; must lie in [0, 1] so the budget can be met"),
+        ));
+    }
+    let m = evidence.domains.len();
+    let mut fits = Vec::with_capacity(m);
+    let mut flat = vec![None; m];
+    for (i, (domain, pts)) in evidence.domains.iter().zip(points).enumerate() {
+        let xy: Vec<(f64, f64)> = pts.iter().map(|p| (p.multiplier, p.ratio)).collect();
+        let fitted = match depth {
+            FitDepth::WithAlternates => fit_power_curve(domain, &xy),
+            FitDepth::Primary(starts) => match starts.get(i).copied().flatten() {
+                Some(start) => refit_power_curve(domain, &xy, start),
+                None => fit_primary_curve(domain, &xy),
+            },
+        };
+        match fitted {
+            Ok(fit) => fits.push(Some(fit)),
+            Err(MixError::NotDecreasing { detail, .. }) if policy == FlatPolicy::Bound => {
+                flat[i] = Some(detail);
+                fits.push(None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let free: Vec<usize> = (0..m).filter(|&i| fits[i].is_some()).collect();
+    let w0 = &evidence.base_weights;
+    let (mut multipliers, mut on_bound) = (vec![1.0; m], vec![false; m]);
+    if !free.is_empty() {
+        let flat_budget: f64 = (0..m)
+            .filter(|i| flat[*i].is_some())
+            .map(|i| w0[i] * n_min)
+            .sum();
+        let left = 1.0 - flat_budget;
+        let curves: Vec<PowerCurve> = free
+            .iter()
+            .filter_map(|&i| fits[i].as_ref().map(|f| f.curve))
+            .collect();
+        // Dividing the base weights by what is left turns that budget into the solver's 1.
+        let scaled: Vec<f64> = free.iter().map(|&i| w0[i] / left).collect();
+        let solution = solve_multipliers(&curves, &scaled, n_min)?;
+        for i in 0..m {
+            if flat[i].is_some() {
+                multipliers[i] = n_min;
+                on_bound[i] = true;
+            }
+        }
+        for (k, &i) in free.iter().enumerate() {
+            multipliers[i] = solution.multipliers[k];
+            on_bound[i] = solution.on_bound[k];
+        }
+    }
+    let raw: Vec<f64> = w0.iter().zip(&multipliers).map(|(w, n)| w * n).collect();
+    let sum: f64 = raw.iter().sum();
+    Ok(Solved {
+        fits,
+        flat,
+        multipliers,
+        on_bound,
+        weights: raw.iter().map(|w| w / sum).collect(),
+    })
 }
 
 /// The optimal multipliers and which sit on the lower bound.
@@ -876,15 +1274,16 @@ mod tests {
         let report = ddo_from_csv(syn.csv(&[0.2, 3.0]).as_bytes(), &options).expect("ddo");
         assert_eq!(report.eval_only_domains, vec!["held_out".to_owned()]);
         for (d, (a, b)) in report.domains.iter().zip(&syn.ab) {
-            assert!(d.fit_rms < 1e-9, "{d:?}");
+            assert!(d.fit_rms.is_some_and(|r| r < 1e-9), "{d:?}");
+            let fit = d.fit.expect("fitted");
             for p in &d.points {
-                assert!((d.fit.eval(p.multiplier) - p.ratio).abs() < 1e-9);
+                assert!((fit.eval(p.multiplier) - p.ratio).abs() < 1e-9);
             }
             assert!(
-                (d.fit.a - a).abs() < 1e-6 && (d.fit.b - b).abs() < 1e-6,
+                (fit.a - a).abs() < 1e-6 && (fit.b - b).abs() < 1e-6,
                 "{d:?}"
             );
-            assert!((d.fit.c - (1.0 - (1.0 + a).powf(-b))).abs() < 1e-6);
+            assert!((fit.c - (1.0 - (1.0 + a).powf(-b))).abs() < 1e-6);
             assert!(d.alternate.is_some(), "three points admit a second curve");
         }
         let truth = syn.brute_force_weights(0.2);
@@ -921,8 +1320,9 @@ mod tests {
         .expect("ddo");
         for (d, (a, b)) in report.domains.iter().zip(&syn.ab) {
             assert!(d.alternate.is_none());
+            let fit = d.fit.expect("fitted");
             assert!(
-                (d.fit.a - a).abs() < 1e-6 && (d.fit.b - b).abs() < 1e-6,
+                (fit.a - a).abs() < 1e-6 && (fit.b - b).abs() < 1e-6,
                 "{d:?}"
             );
         }
@@ -1164,7 +1564,13 @@ c4,3,20,29,39.6
         assert!(msg.contains("line 2") && msg.contains("`2`"), "{msg}");
 
         let rising = GOOD.replace("books,3,19.5,29.9,39.9", "books,3,25,35,45");
-        let msg = csv_error(&rising);
+        let fail = DdoOptions {
+            flat_domains: FlatPolicy::Fail,
+            ..DdoOptions::default()
+        };
+        let msg = ddo_from_csv(rising.as_bytes(), &fail)
+            .expect_err("flat domains fail when told to")
+            .to_string();
         assert!(
             msg.contains("`books`") && msg.contains("does not decrease"),
             "{msg}"
@@ -1181,5 +1587,174 @@ c4,3,20,29,39.6
         };
         let err = ddo_from_csv(GOOD.as_bytes(), &options).expect_err("unknown domain");
         assert!(err.to_string().contains("`wiki`"), "{err}");
+    }
+
+    #[test]
+    fn a_flat_domain_gets_the_bound_and_the_others_share_the_rest() {
+        let syn = synthetic();
+        let mut runs = parse_ddo_csv(syn.csv(&[0.2, 3.0]).as_bytes()).expect("csv");
+        // github gets worse with more data: y(0.2) < 1 < y(3).
+        for r in runs.perturbed.iter_mut().filter(|r| r.domain == "github") {
+            let factor = if r.multiplier < 1.0 { 0.995 } else { 1.06 };
+            r.perplexities = runs.base[0].iter().map(|p| p * factor).collect();
+        }
+        let report = ddo(&runs, &DdoOptions::default()).expect("a flat domain is no failure");
+        let github = &report.domains[2];
+        assert!(github.flat && github.on_bound, "{github:?}");
+        assert!(github.fit.is_none() && github.fit_rms.is_none());
+        assert_eq!(github.multiplier, 0.2);
+        assert!((github.weight - 0.2 / 3.0).abs() < 1e-12);
+        let warning = report
+            .warnings
+            .iter()
+            .find(|w| w.contains("domain `github`: no measurable benefit at this scale"))
+            .expect("a warning names the flat domain");
+        assert!(
+            warning.contains("y(0.2)=0.9950") && warning.contains("y(3)=1.0600"),
+            "{warning}"
+        );
+        assert!(warning.ends_with("it gets the lower bound"), "{warning}");
+        // The others are the KKT optimum of the budget github leaves them.
+        let left = 1.0 - 0.2 / 3.0;
+        let curves: Vec<PowerCurve> = report.domains[..2]
+            .iter()
+            .map(|d| d.fit.expect("fitted"))
+            .collect();
+        let alone = solve_multipliers(&curves, &[1.0 / 3.0 / left; 2], 0.2).expect("solve");
+        for (d, n) in report.domains.iter().zip(&alone.multipliers) {
+            assert!((d.multiplier - n).abs() < 1e-12, "{d:?}");
+        }
+        let budget: f64 = report.domains.iter().map(|d| d.multiplier / 3.0).sum();
+        assert!((budget - 1.0).abs() < 1e-12);
+        assert_eq!(report.weights.len(), 3, "the flat domain keeps its place");
+        let back: DdoReport =
+            serde_json::from_str(&serde_json::to_string(&report).expect("json")).expect("read");
+        assert_eq!(back.domains[2].fit, None);
+        assert!(report.render_table().contains("flat"));
+    }
+
+    #[test]
+    fn every_domain_flat_keeps_the_base_weights() {
+        let rising = "perturbed,multiplier,a,b\n,1,10,10\na,0.2,9.9,9.9\na,3,10.2,10.2\nb,0.2,10,10\nb,3,10.1,10.1\n";
+        let options = DdoOptions {
+            base_weights: Some(MixtureWeights::normalized([("a", 1.0), ("b", 3.0)]).expect("w")),
+            ..DdoOptions::default()
+        };
+        let report = ddo_from_csv(rising.as_bytes(), &options).expect("no panic, no error");
+        assert_eq!(report.weights.get("a"), Some(0.25));
+        assert_eq!(report.weights.get("b"), Some(0.75));
+        assert!(report.domains.iter().all(|d| d.flat && !d.on_bound));
+        assert_eq!(report.predicted_objective_ratio, 1.0);
+        assert!(
+            report.warnings[0].contains("every domain keeps its base weight"),
+            "{:?}",
+            report.warnings
+        );
+    }
+
+    #[test]
+    fn base_replicates_measure_noise_snr_and_intervals() {
+        let three = GOOD.replace(
+            ",1,20,30,40\n",
+            ",1,20,30,40\n,1,20.5,30.5,40.5\n,1,19.5,29.5,39.5\n",
+        );
+        let report = ddo_from_csv(three.as_bytes(), &DdoOptions::default()).expect("ddo");
+        assert_eq!(report.noise.base_runs, 3);
+        assert_eq!(report.noise.base_objectives, vec![30.0, 30.5, 29.5]);
+        assert_eq!(report.base_objective, 30.0);
+        let sigma = report.noise.sigma.expect("measured");
+        assert!((sigma - 0.5 / 30.0).abs() < 1e-12, "{sigma}");
+        assert!(
+            report.noise.note.contains("3 base runs"),
+            "{}",
+            report.noise.note
+        );
+        let books = &report.domains[0];
+        let dy = (30.4 + 21.0 + 40.3 - 19.5 - 29.9 - 39.9) / 90.0;
+        assert!(
+            (books.snr.expect("snr") - dy / sigma).abs() < 1e-9,
+            "{books:?}"
+        );
+        assert!(books.within_noise, "snr {:?}", books.snr);
+        assert!(
+            !report.domains[1].within_noise,
+            "{:?}",
+            report.domains[1].snr
+        );
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("within noise") && w.contains("`books`")),
+            "{:?}",
+            report.warnings
+        );
+        assert_eq!(report.bootstrap, Some(BootstrapOptions::default()));
+        for d in &report.domains {
+            let [lo, hi] = d.interval.expect("interval");
+            assert!(
+                lo < hi && lo <= d.weight + 1e-9 && d.weight <= hi + 1e-9,
+                "{d:?}"
+            );
+        }
+        // Same seed, same intervals.
+        let again = ddo_from_csv(three.as_bytes(), &DdoOptions::default()).expect("ddo");
+        assert_eq!(again.domains[0].interval, books.interval);
+
+        let two = GOOD.replace(",1,20,30,40\n", ",1,20,30,40\n,1,20.5,30.5,40.5\n");
+        let report = ddo_from_csv(two.as_bytes(), &DdoOptions::default()).expect("ddo");
+        assert_eq!(
+            report.noise.note,
+            "sigma from 2 base runs (1 degree of freedom)"
+        );
+
+        let single = ddo_from_csv(GOOD.as_bytes(), &DdoOptions::default()).expect("ddo");
+        assert_eq!(single.noise.sigma, None);
+        assert_eq!(single.noise.note, "single base run: noise not measured");
+        assert_eq!(single.bootstrap, None);
+        assert!(
+            single
+                .domains
+                .iter()
+                .all(|d| d.snr.is_none() && d.interval.is_none())
+        );
+        assert!(single.render_table().contains("noise not measured"));
+    }
+
+    #[test]
+    fn plan_replicates_the_base_run_with_seeds() {
+        let domains = vec!["books".to_owned(), "c4".to_owned()];
+        let options = PlanOptions {
+            base_seeds: 3,
+            seed: 7,
+            ..PlanOptions::default()
+        };
+        let runs = plan(&domains, 1e6, &options).expect("plan");
+        let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "base",
+                "base-s1",
+                "base-s2",
+                "books-x0.2",
+                "books-x3",
+                "c4-x0.2",
+                "c4-x3"
+            ]
+        );
+        let seeds: Vec<u64> = runs.iter().map(|r| r.seed).collect();
+        assert_eq!(seeds, [7, 8, 9, 7, 7, 7, 7]);
+        assert_eq!(runs[1].tokens, runs[0].tokens);
+        let zero = PlanOptions {
+            base_seeds: 0,
+            ..PlanOptions::default()
+        };
+        assert!(plan(&domains, 1e6, &zero).is_err());
+        // Plans written before seeds still read.
+        let mut old = serde_json::to_value(&runs[0]).expect("json");
+        old.as_object_mut().expect("object").remove("seed");
+        let back: PlannedRun = serde_json::from_value(old).expect("old plan");
+        assert_eq!(back.seed, 0);
     }
 }

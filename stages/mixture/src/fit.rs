@@ -44,6 +44,10 @@ pub struct CurveFit {
     pub rms_residual: f64,
 }
 
+/// Levenberg-Marquardt steps of a bootstrap refit: from a nearby start it interpolates in a
+/// few dozen, and a crawl past that buys nothing the resample's noise does not swamp.
+const REFIT_STEPS: u32 = 100;
+
 /// Residual RMS below which a three-point fit counts as interpolating.
 const EXACT_RMS: f64 = 1e-9;
 
@@ -52,6 +56,90 @@ const EXACT_RMS: f64 = 1e-9;
 /// from `(1, 1, 1)`, with any other exact interpolant as `alternate`. More points: least squares.
 /// `domain` only names the curve in errors.
 pub fn fit_power_curve(domain: &str, points: &[(f64, f64)]) -> Result<CurveFit, MixError> {
+    fit(domain, points, true)
+}
+
+/// [`fit_power_curve`]'s `curve` without its `alternate`: the exhaustive search for other
+/// exact interpolants runs only when Levenberg-Marquardt falls short of one, which makes the
+/// bootstrap's hundreds of refits cheap.
+pub(crate) fn fit_primary_curve(domain: &str, points: &[(f64, f64)]) -> Result<CurveFit, MixError> {
+    fit(domain, points, false)
+}
+
+/// A fit started from a nearby curve, such as the point estimate's for a bootstrap resample:
+/// Levenberg-Marquardt then stays on that curve's branch and takes a few steps. When that does
+/// not interpolate three points that a decreasing convex curve could pass through, it also
+/// tries the usual start `(1, 1, 1)`, and otherwise keeps the better least-squares fit: the
+/// exhaustive search of [`fit_power_curve`] costs a thousand times more, too much for hundreds
+/// of resamples, and a resample that no curve interpolates is within its noise of one.
+pub(crate) fn refit_power_curve(
+    domain: &str,
+    points: &[(f64, f64)],
+    start: PowerCurve,
+) -> Result<CurveFit, MixError> {
+    let (xs, ys) = checked_points(domain, points)?;
+    let interpolable = xs.len() == 3
+        && ys[0] > ys[1]
+        && ys[1] > ys[2]
+        && (ys[1] - ys[0]) / (xs[1] - xs[0]) < (ys[2] - ys[1]) / (xs[2] - xs[1]);
+    let fits = |p: Option<PowerCurve>| p.map(|p| (rms(&xs, &ys, p), p));
+    let mut best = fits(levenberg_marquardt(&xs, &ys, start.params(), REFIT_STEPS));
+    if interpolable && !best.is_some_and(|(r, _)| r <= EXACT_RMS) {
+        let usual = fits(levenberg_marquardt(&xs, &ys, [1.0, 1.0, 1.0], REFIT_STEPS));
+        if let Some(u) = usual
+            && best.is_none_or(|b| u.0 < b.0)
+        {
+            best = Some(u);
+        }
+    }
+    match best {
+        Some((rms_residual, curve)) => Ok(CurveFit {
+            curve,
+            alternate: None,
+            rms_residual,
+        }),
+        None => fit(domain, points, false),
+    }
+}
+
+fn fit(domain: &str, points: &[(f64, f64)], want_alternate: bool) -> Result<CurveFit, MixError> {
+    let (xs, ys) = checked_points(domain, points)?;
+    let lm = levenberg_marquardt(&xs, &ys, [1.0, 1.0, 1.0], 2000);
+    let lm_exact = lm.is_some_and(|p| rms(&xs, &ys, p) <= EXACT_RMS);
+    let exact = if xs.len() == 3 && (want_alternate || !lm_exact) {
+        exact_interpolants(&xs, &ys)
+    } else {
+        Vec::new()
+    };
+    let (curve, alternate) = match lm {
+        Some(p) if rms(&xs, &ys, p) <= EXACT_RMS || exact.is_empty() => {
+            let alternate = exact.iter().copied().find(|q| !same_curve(q, &p));
+            (p, alternate)
+        }
+        // LM stalled short of an exact interpolant: take the one nearest where it stopped.
+        Some(p) => {
+            let best = nearest(&exact, &p);
+            (best, exact.iter().copied().find(|q| !same_curve(q, &best)))
+        }
+        None => match exact.first() {
+            Some(&first) => (first, exact.get(1).copied()),
+            None => {
+                return Err(MixError::FitFailed {
+                    domain: domain.to_owned(),
+                    reason: "Levenberg-Marquardt found no finite fit".to_owned(),
+                });
+            }
+        },
+    };
+    Ok(CurveFit {
+        rms_residual: rms(&xs, &ys, curve),
+        curve,
+        alternate,
+    })
+}
+
+/// The points sorted by multiplier, once they are valid and the ratio falls with more data.
+fn checked_points(domain: &str, points: &[(f64, f64)]) -> Result<(Vec<f64>, Vec<f64>), MixError> {
     let failed = |reason: String| MixError::FitFailed {
         domain: domain.to_owned(),
         reason,
@@ -87,33 +175,7 @@ pub fn fit_power_curve(domain: &str, points: &[(f64, f64)]) -> Result<CurveFit, 
             detail,
         });
     }
-
-    let lm = levenberg_marquardt(&xs, &ys, [1.0, 1.0, 1.0]);
-    let exact = if pts.len() == 3 {
-        exact_interpolants(&xs, &ys)
-    } else {
-        Vec::new()
-    };
-    let (curve, alternate) = match lm {
-        Some(p) if rms(&xs, &ys, p) <= EXACT_RMS || exact.is_empty() => {
-            let alternate = exact.iter().copied().find(|q| !same_curve(q, &p));
-            (p, alternate)
-        }
-        // LM stalled short of an exact interpolant: take the one nearest where it stopped.
-        Some(p) => {
-            let best = nearest(&exact, &p);
-            (best, exact.iter().copied().find(|q| !same_curve(q, &best)))
-        }
-        None => match exact.first() {
-            Some(&first) => (first, exact.get(1).copied()),
-            None => return Err(failed("Levenberg-Marquardt found no finite fit".to_owned())),
-        },
-    };
-    Ok(CurveFit {
-        rms_residual: rms(&xs, &ys, curve),
-        curve,
-        alternate,
-    })
+    Ok((xs, ys))
 }
 
 /// Least-squares slope of `y` against `ln x`: the sign says whether more data helps at all.
@@ -164,7 +226,12 @@ fn nearest(candidates: &[PowerCurve], p: &PowerCurve) -> PowerCurve {
 /// Levenberg-Marquardt with Marquardt's diagonal scaling. Steps that leave the feasible region
 /// (`b > 0`, `x + a > 0` at every point) are rejected like steps that raise the error, so the
 /// curve never crosses its pole. `None` when the start is infeasible or nothing finite results.
-fn levenberg_marquardt(xs: &[f64], ys: &[f64], start: [f64; 3]) -> Option<PowerCurve> {
+fn levenberg_marquardt(
+    xs: &[f64],
+    ys: &[f64],
+    start: [f64; 3],
+    max_steps: u32,
+) -> Option<PowerCurve> {
     let x_min = xs.iter().copied().fold(f64::INFINITY, f64::min);
     let feasible =
         |p: [f64; 3]| p.iter().all(|v| v.is_finite()) && p[1] > 0.0 && x_min + p[0] > 0.0;
@@ -174,7 +241,7 @@ fn levenberg_marquardt(xs: &[f64], ys: &[f64], start: [f64; 3]) -> Option<PowerC
     let mut p = start;
     let mut err = sse(xs, ys, p);
     let mut mu = 1e-3;
-    for _ in 0..2000 {
+    for _ in 0..max_steps {
         if !err.is_finite() || err < 1e-30 {
             break;
         }
