@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::font::FontError;
+use crate::learning::Learning;
 use document::Document;
 
 /// `report`: the target-scale comparison of the mixtures, with plots.
@@ -490,6 +491,8 @@ struct ContextInput {
     /// The input's name, which is the mixture's name in the runs' ids.
     name: String,
     doc: ContextDoc,
+    /// A `ddo` stage's `learning.json`: did its base runs learn?
+    learning: Option<Learning>,
 }
 
 /// The context inputs, recognised by content, and a note for each input that is not one.
@@ -510,10 +513,16 @@ fn read_context(inputs: &BTreeMap<String, InputPath>) -> (Vec<ContextInput>, Vec
                 continue;
             }
         };
+        let learning = path
+            .parent()
+            .map(|dir| dir.join("learning.json"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|text| serde_json::from_str(&text).ok());
         match read_context_doc(&path) {
             Ok(doc) => found.push(ContextInput {
                 name: name.clone(),
                 doc,
+                learning,
             }),
             Err(why) => notes.push(format!("input `{name}`: {why}; ignored")),
         }
@@ -601,6 +610,9 @@ struct MixtureSummary {
     curve: Option<Vec<(u64, f64)>>,
     #[serde(skip)]
     seed_curves: Vec<Vec<(u64, f64)>>,
+    /// Each seed's mean validation loss, in `seeds` order.
+    #[serde(skip)]
+    seed_mean_loss: Vec<f64>,
 }
 
 impl MixtureSummary {
@@ -625,6 +637,7 @@ impl MixtureSummary {
             domain_loss,
             curve: average_curve(&seed_curves),
             seed_curves,
+            seed_mean_loss: runs.iter().map(Run::mean_loss).collect(),
         }
     }
 }
@@ -750,6 +763,10 @@ struct Report {
     /// The reference against each other mixture, by mixture id.
     comparisons: BTreeMap<String, Comparison>,
     speedups: BTreeMap<String, SpeedUp>,
+    /// The speed-up per seed pair and its spread, by mixture id.
+    seed_speedups: BTreeMap<String, SeedSpeedUps>,
+    /// One line that says whether the reference beat each baseline beyond seed noise.
+    verdict: String,
     /// Every context input's weights, by its display name.
     weights: BTreeMap<String, BTreeMap<String, f64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -771,6 +788,44 @@ struct Comparison {
     worst_ppl_diff: f64,
     /// The loss difference is smaller than either side's seed sd.
     within_seed_noise: bool,
+    /// Welch's t-test on the seeds' mean losses; `None` without two seeds on each side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    welch: Option<Welch>,
+}
+
+/// Welch's unequal-variance t-test of two samples: `t = (m1 - m2) / sqrt(s1²/n1 + s2²/n2)`,
+/// Welch–Satterthwaite degrees of freedom, two-sided p-value from Student's t.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+struct Welch {
+    t: f64,
+    df: f64,
+    p: f64,
+}
+
+/// The p-value below which the report calls a difference significant.
+const SIGNIFICANCE: f64 = 0.05;
+
+impl Welch {
+    fn of(a: &[f64], b: &[f64]) -> Option<Self> {
+        use statrs::distribution::{ContinuousCDF, StudentsT};
+        let (ma, mb) = (MeanSd::of(a), MeanSd::of(b));
+        let (sa, sb) = (ma.sd?, mb.sd?);
+        let (va, vb) = (sa * sa / a.len() as f64, sb * sb / b.len() as f64);
+        let se2 = va + vb;
+        if !(se2 > 0.0 && se2.is_finite()) {
+            // Both sides without spread: identical seeds, nothing to test.
+            return None;
+        }
+        let t = (ma.mean - mb.mean) / se2.sqrt();
+        let df = se2 * se2 / (va * va / (a.len() - 1) as f64 + vb * vb / (b.len() - 1) as f64);
+        let dist = StudentsT::new(0.0, 1.0, df).ok()?;
+        let p = (2.0 * dist.cdf(-t.abs())).min(1.0);
+        Some(Self { t, df, p })
+    }
+
+    fn significant(&self) -> bool {
+        self.p < SIGNIFICANCE
+    }
 }
 
 impl Comparison {
@@ -787,7 +842,79 @@ impl Comparison {
             mean_ppl_diff_percent: 100.0 * mean_ppl_diff / baseline.mean_ppl.mean,
             worst_ppl_diff: reference.worst_ppl.mean - baseline.worst_ppl.mean,
             within_seed_noise: mean_loss_diff.abs() < noise,
+            welch: Welch::of(&reference.seed_mean_loss, &baseline.seed_mean_loss),
         }
+    }
+
+    /// `p = 0.031 (Welch t = -3.10, df 3.9)`, or why there is no test.
+    fn test_phrase(&self) -> String {
+        match &self.welch {
+            Some(w) => format!("p = {:.3} (Welch t = {:.2}, df {:.1})", w.p, w.t, w.df),
+            None => "no significance test (fewer than two seeds on a side)".to_owned(),
+        }
+    }
+}
+
+/// The paper's speed-up computed per seed (the reference's seed k against the baseline's seed
+/// k), so that its spread over seeds is known.
+#[derive(Debug, Clone, Serialize)]
+struct SeedSpeedUps {
+    /// Seed -> that seed's speed-up.
+    per_seed: BTreeMap<String, SpeedUp>,
+    /// Mean and sd over the seeds where the baseline reached the reference's loss.
+    reached: Option<MeanSd>,
+    /// Seeds where the baseline never reached it within its run.
+    not_reached: usize,
+}
+
+impl SeedSpeedUps {
+    fn of(reference: &MixtureSummary, baseline: &MixtureSummary) -> Self {
+        let mut per_seed = BTreeMap::new();
+        for (i, seed) in reference.seeds.iter().enumerate() {
+            let Some(j) = baseline.seeds.iter().position(|s| s == seed) else {
+                continue;
+            };
+            let single = |m: &MixtureSummary, k: usize| {
+                let curve = m.seed_curves[k].clone();
+                MixtureSummary {
+                    curve: (!curve.is_empty()).then_some(curve),
+                    ..m.clone()
+                }
+            };
+            per_seed.insert(
+                seed.clone(),
+                speedup(&single(reference, i), &single(baseline, j)),
+            );
+        }
+        let values: Vec<f64> = per_seed
+            .values()
+            .filter_map(|s| match s {
+                SpeedUp::Reached { speedup, .. } => Some(*speedup),
+                _ => None,
+            })
+            .collect();
+        Self {
+            reached: (!values.is_empty()).then(|| MeanSd::of(&values)),
+            not_reached: per_seed
+                .values()
+                .filter(|s| matches!(s, SpeedUp::NotReached { .. }))
+                .count(),
+            per_seed,
+        }
+    }
+
+    fn show(&self) -> String {
+        let mut out = match &self.reached {
+            Some(m) => format!("{}x over {} seed(s)", m.show(2), m.n),
+            None => "n/a".to_owned(),
+        };
+        if self.not_reached > 0 {
+            out.push_str(&format!(
+                "; {} seed(s) never reached it (speed-up above their run's length)",
+                self.not_reached
+            ));
+        }
+        out
     }
 }
 
@@ -820,12 +947,15 @@ impl Report {
         let reference = &mixtures[&params.reference];
         let mut comparisons = BTreeMap::new();
         let mut speedups = BTreeMap::new();
+        let mut seed_speedups = BTreeMap::new();
         for (m, summary) in &mixtures {
             if *m != params.reference {
                 comparisons.insert(m.clone(), Comparison::of(reference, summary));
                 speedups.insert(m.clone(), speedup(reference, summary));
+                seed_speedups.insert(m.clone(), SeedSpeedUps::of(reference, summary));
             }
         }
+        let verdict = verdict(reference, &mixtures, &comparisons);
         // DDO scales smallest first, then predictions, then the rest by input name.
         let mut order: Vec<usize> = (0..context.len()).collect();
         order.sort_by(|&a, &b| {
@@ -869,6 +999,8 @@ impl Report {
             mixtures,
             comparisons,
             speedups,
+            seed_speedups,
+            verdict,
             weights,
             target_tokens,
             notes,
@@ -1013,6 +1145,64 @@ impl Report {
         domains
     }
 
+    /// Per DDO scale, the base runs' held-out loss against each domain's unigram entropy.
+    fn learning_section(&self, doc: &mut Document) {
+        let scales: Vec<(&String, &Learning)> = self
+            .weight_columns
+            .iter()
+            .filter_map(|(label, i)| self.context[*i].learning.as_ref().map(|l| (label, l)))
+            .collect();
+        if scales.is_empty() {
+            return;
+        }
+        doc.heading(2, "Did the proxies learn?");
+        doc.paragraph(format!(
+            "DDO reads how the loss responds to each domain's data, which is noise until the proxies have learned more than token frequencies. The base runs' held-out loss (mean over base seeds, nats per token) against each domain's unigram entropy on its own training tokens; the check asks for a mean at least {} nats below.",
+            crate::learning::REQUIRED_MARGIN
+        ));
+        let domains: BTreeSet<&String> =
+            scales.iter().flat_map(|(_, l)| l.domains.keys()).collect();
+        let mut header = vec!["domain".to_owned(), "unigram entropy".to_owned()];
+        header.extend(
+            scales
+                .iter()
+                .map(|(label, _)| format!("base loss, {label}")),
+        );
+        let mut rows: Vec<Vec<String>> = domains
+            .iter()
+            .map(|d| {
+                let unigram = scales
+                    .iter()
+                    .find_map(|(_, l)| l.domains.get(*d))
+                    .map_or("—".into(), |x| format!("{:.3}", x.unigram));
+                let mut row = vec![(*d).clone(), unigram];
+                row.extend(scales.iter().map(|(_, l)| {
+                    l.domains
+                        .get(*d)
+                        .map_or("—".into(), |x| format!("{:.3}", x.loss))
+                }));
+                row
+            })
+            .collect();
+        let mut mean_row = vec![
+            "**mean**".to_owned(),
+            format!("{:.3}", scales[0].1.unigram_mean),
+        ];
+        mean_row.extend(
+            scales
+                .iter()
+                .map(|(_, l)| format!("{:.3} ({:+.3})", l.base_mean_loss, -l.margin)),
+        );
+        rows.push(mean_row);
+        doc.table(header, rows);
+        doc.bullets(
+            scales
+                .iter()
+                .map(|(label, l)| format!("{label}: {}", l.summary()))
+                .collect(),
+        );
+    }
+
     fn document(&self, figures: Vec<(&'static str, String, plots::Rendered)>) -> Document {
         let mut doc = Document::new(self.title.clone());
         let reference = &self.mixtures[&self.reference];
@@ -1033,6 +1223,7 @@ impl Report {
             ));
         }
         doc.paragraph(intro);
+        doc.paragraph(format!("**Verdict.** {}", self.verdict));
 
         doc.heading(2, "Validation loss at the target scale");
         doc.paragraph(
@@ -1069,11 +1260,12 @@ impl Report {
                 "worse"
             };
             items.push(format!(
-                "vs {}: mean loss {:+.4} nats ({} vs {}, {verdict}); mean ppl {:+.3} ({:+.2}%); worst ppl {:+.2}; {}",
+                "vs {}: mean loss {:+.4} nats ({} vs {}, {verdict}; {}); mean ppl {:+.3} ({:+.2}%); worst ppl {:+.2}; {}",
                 s.name,
                 c.mean_loss_diff,
                 reference.mean_loss.show(4),
                 s.mean_loss.show(4),
+                c.test_phrase(),
                 c.mean_ppl_diff,
                 c.mean_ppl_diff_percent,
                 c.worst_ppl_diff,
@@ -1156,7 +1348,7 @@ impl Report {
                         ),
                         SpeedUp::Unavailable { .. } => ("no curve".into(), "n/a".into()),
                     };
-                    vec![s.name.clone(), steps, factor]
+                    vec![s.name.clone(), steps, factor, self.seed_speedups[*m].show()]
                 })
                 .collect();
             let (ref_steps, ref_loss) = reference
@@ -1172,6 +1364,7 @@ impl Report {
                         reference.name
                     ),
                     "speed-up".into(),
+                    "per seed pair, mean ± sd".into(),
                 ],
                 rows,
             );
@@ -1234,27 +1427,49 @@ impl Report {
             })
             .collect();
         if !ddo.is_empty() {
-            doc.heading(2, "DDO fits");
+            self.learning_section(&mut doc);
+            doc.heading(2, "DDO at each proxy scale: noise, fits, weights");
+            for (label, r) in &ddo {
+                let sigma = match r.noise.sigma {
+                    Some(sigma) => format!(
+                        "σ = {sigma:.4} (sd of the {} base runs' objective over their mean, the unit of y)",
+                        r.noise.base_runs
+                    ),
+                    None => "σ not measured".to_owned(),
+                };
+                doc.paragraph(format!("**{label}**: {sigma}. {}", r.noise.note));
+            }
             doc.paragraph(
-                "Per domain and proxy scale, the shifted power law y(x) = (x + a)^(-b) + c fitted to the objective ratio against the multiplier x of the domain's base tokens, the optimal multiplier and weight, and the fit's RMS residual.",
+                "Per domain and proxy scale: the shifted power law y(x) = (x + a)^(-b) + c fitted to the objective ratio against the multiplier x of the domain's base tokens (and the other exact interpolant of the three points, when there is one), the signal-to-noise |y(r_hi) - y(r_lo)| / σ, the optimal multiplier and the weight with its 5–95% parametric-bootstrap interval.",
             );
+            let curve = |c: Option<autoscale_mixture::PowerCurve>| {
+                c.map_or_else(
+                    || "—".to_owned(),
+                    |f| format!("({:.3}, {:.3}, {:.3})", f.a, f.b, f.c),
+                )
+            };
             let rows = ddo
                 .iter()
                 .flat_map(|(label, r)| {
                     r.domains.iter().map(move |d| {
+                        let mut flags = Vec::new();
+                        if d.flat {
+                            flags.push("flat: no measurable benefit");
+                        } else if d.on_bound {
+                            flags.push("on the bound");
+                        }
+                        if d.within_noise {
+                            flags.push("within noise");
+                        }
                         vec![
                             d.name.clone(),
                             (*label).clone(),
-                            format!("{:.4}", d.fit.a),
-                            format!("{:.4}", d.fit.b),
-                            format!("{:.4}", d.fit.c),
-                            format!(
-                                "{:.3}{}",
-                                d.multiplier,
-                                if d.on_bound { " (bound)" } else { "" }
-                            ),
-                            format!("{:.3}", d.weight),
-                            format!("{:.2e}", d.fit_rms),
+                            curve(d.fit),
+                            curve(d.alternate),
+                            d.snr.map_or_else(|| "—".to_owned(), |x| format!("{x:.1}")),
+                            format!("{:.3}", d.multiplier),
+                            weight_with_interval(d.weight, d.interval),
+                            flags.join(", "),
                         ]
                     })
                 })
@@ -1263,12 +1478,12 @@ impl Report {
                 [
                     "domain",
                     "scale",
-                    "a",
-                    "b",
-                    "c",
+                    "fit (a, b, c)",
+                    "alternate",
+                    "snr",
                     "optimal x",
-                    "weight",
-                    "fit rms",
+                    "weight [5–95%]",
+                    "flags",
                 ]
                 .map(String::from)
                 .to_vec(),
@@ -1279,6 +1494,45 @@ impl Report {
                 .flat_map(|(label, r)| r.warnings.iter().map(move |w| format!("{label}: {w}")))
                 .collect();
             doc.bullets(warnings);
+        }
+        if let Some(prediction) = self.context.iter().find_map(|c| match &c.doc {
+            ContextDoc::Prediction(p) => Some(p),
+            _ => None,
+        }) {
+            doc.heading(2, "The prediction");
+            let mut text = format!(
+                "AutoScale's weights for {} tokens, with the 5–95% interval of each weight from refitting DDO on resampled proxy results at every input scale and predicting again",
+                tokens_label(prediction.total_tokens)
+            );
+            match &prediction.bootstrap {
+                Some(b) => text.push_str(&format!(" ({} resamples).", b.resamples)),
+                None => text.push_str(": not available (the inputs carry no noise estimate)."),
+            }
+            doc.paragraph(text);
+            let rows = prediction
+                .domains
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.name.clone(),
+                        weight_with_interval(d.weight, d.interval),
+                        format!("{:.3e}", d.tokens),
+                        if d.censored {
+                            "censored (on the bound at an input scale)"
+                        } else {
+                            ""
+                        }
+                        .to_owned(),
+                    ]
+                })
+                .collect();
+            doc.table(
+                ["domain", "weight [5–95%]", "tokens", "note"]
+                    .map(String::from)
+                    .to_vec(),
+                rows,
+            );
+            doc.bullets(prediction.warnings.clone());
         }
 
         if !figures.is_empty() {
@@ -1294,6 +1548,61 @@ impl Report {
         }
         doc
     }
+}
+
+/// `0.143 [0.101, 0.190]`, or the weight alone without an interval.
+fn weight_with_interval(weight: f64, interval: Option<[f64; 2]>) -> String {
+    match interval {
+        Some([lo, hi]) => format!("{weight:.3} [{lo:.3}, {hi:.3}]"),
+        None => format!("{weight:.3}"),
+    }
+}
+
+/// One honest line: against which baselines the reference is better, worse or
+/// indistinguishable, by Welch's test at [`SIGNIFICANCE`] (or the seed sd without seeds).
+fn verdict(
+    reference: &MixtureSummary,
+    mixtures: &BTreeMap<String, MixtureSummary>,
+    comparisons: &BTreeMap<String, Comparison>,
+) -> String {
+    let (mut better, mut worse, mut tied) = (Vec::new(), Vec::new(), Vec::new());
+    for (m, c) in comparisons {
+        let name = mixtures.get(m).map_or(m.as_str(), |s| s.name.as_str());
+        let phrase = format!(
+            "{name} ({:+.4} nats, {})",
+            c.mean_loss_diff,
+            c.test_phrase()
+        );
+        let significant = match &c.welch {
+            Some(w) => w.significant(),
+            None => !c.within_seed_noise && reference.seeds.len() > 1,
+        };
+        match (significant, c.mean_loss_diff < 0.0) {
+            (true, true) => better.push(phrase),
+            (true, false) => worse.push(phrase),
+            (false, _) => tied.push(phrase),
+        }
+    }
+    if comparisons.is_empty() {
+        return format!(
+            "Only {} was trained; there is nothing to compare.",
+            reference.name
+        );
+    }
+    let mut parts = Vec::new();
+    if !better.is_empty() {
+        parts.push(format!("beats {}", better.join(", ")));
+    }
+    if !worse.is_empty() {
+        parts.push(format!("loses to {}", worse.join(", ")));
+    }
+    if !tied.is_empty() {
+        parts.push(format!(
+            "is not distinguishable from {} at p < {SIGNIFICANCE}",
+            tied.join(", ")
+        ));
+    }
+    format!("{} {}.", reference.name, parts.join("; "))
 }
 
 fn speedup_phrase(s: &SpeedUp, reference: &str, baseline: &str) -> String {

@@ -205,7 +205,7 @@ impl Figure for FitsFigure<'_> {
                 d.points
                     .iter()
                     .map(|p| p.ratio)
-                    .chain([d.fit.eval(d.multiplier)])
+                    .chain(d.fit.map(|f| f.eval(d.multiplier)))
             }));
             let mut chart = ChartBuilder::on(panel)
                 .caption(domain, text_style(15))
@@ -224,18 +224,24 @@ impl Figure for FitsFigure<'_> {
                 .draw()?;
             for (i, d) in fits {
                 let c = color(i);
-                let curve: Vec<(f64, f64)> = (0..=100)
-                    .map(|k| x_hi * f64::from(k) / 100.0)
-                    .map(|x| (x, d.fit.eval(x)))
-                    .filter(|(_, y)| y.is_finite() && (y_lo..=y_hi).contains(y))
-                    .collect();
+                // A flat domain has no fitted curve, only its points.
+                let curve: Vec<(f64, f64)> = d.fit.map_or_else(Vec::new, |fit| {
+                    (0..=100)
+                        .map(|k| x_hi * f64::from(k) / 100.0)
+                        .map(|x| (x, fit.eval(x)))
+                        .filter(|(_, y)| y.is_finite() && (y_lo..=y_hi).contains(y))
+                        .collect()
+                });
                 chart.draw_series(LineSeries::new(curve, c.stroke_width(2)))?;
                 chart.draw_series(
                     d.points
                         .iter()
                         .map(|p| Circle::new((p.multiplier, p.ratio), 4, c.filled())),
                 )?;
-                let optimum = (d.multiplier, d.fit.eval(d.multiplier));
+                let optimum = (
+                    d.multiplier,
+                    d.fit.map_or(f64::NAN, |f| f.eval(d.multiplier)),
+                );
                 if optimum.1.is_finite() {
                     chart.draw_series([Cross::new(optimum, 7, c.stroke_width(2))])?;
                 }

@@ -187,7 +187,22 @@ fn two_mixtures_two_seeds_give_the_seed_means_and_sds() {
         -0.2
     ));
     assert_eq!(comparison["within_seed_noise"], false);
+    // Welch: t = -0.2 / sqrt(0.1414²/2 · 2) = -√2, df = 2; Student's t with 2 df has the closed
+    // form F(t) = 1/2 + t / (2 sqrt(2 + t²)), so p = 2 (1 - F(√2)) = 1 - √2/2.
+    let welch = &comparison["welch"];
+    assert!((welch["t"].as_f64().expect("t") + 2f64.sqrt()).abs() < 1e-9);
+    assert!((welch["df"].as_f64().expect("df") - 2.0).abs() < 1e-9);
+    let p = welch["p"].as_f64().expect("p");
+    assert!((p - (1.0 - 2f64.sqrt() / 2.0)).abs() < 1e-6, "{p}");
+    // Natural has one seed: no test, and the verdict says so rather than inventing one.
+    assert!(results["comparisons"]["natural"]["welch"].is_null());
+    let verdict = results["verdict"].as_str().expect("verdict");
+    assert!(
+        verdict.contains("not distinguishable from uniform"),
+        "{verdict}"
+    );
     let md = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    assert!(md.contains("**Verdict.**"), "{md}");
     assert!(
         md.contains("## Validation loss at the target scale"),
         "{md}"
@@ -537,7 +552,7 @@ fn a_full_report_draws_fits_weights_and_curves_as_svg_and_png() {
     let md = std::fs::read_to_string(out.join("report.md")).expect("md");
     assert!(md.contains("## Mixture weights"), "{md}");
     assert!(md.contains("| domain | DDO (smaller proxy scale) @ 1.0e5 | DDO (larger proxy scale) @ 3.0e5 | AutoScale @ 1.5e6 | uniform |"), "{md}");
-    assert!(md.contains("## DDO fits"), "{md}");
+    assert!(md.contains("## DDO at each proxy scale"), "{md}");
     assert!(md.contains("natural (bytes)"), "{md}");
     assert!(
         md.contains("input `script`:"),
