@@ -13,9 +13,22 @@ use std::path::Path;
 use common::{Workspace, stderr, with_outcome};
 use serde_json::Value;
 
+/// How many stages of each fanned-out group a pipeline runs.
+struct Fanout {
+    /// Proxy trainings per DDO scale: base seeds + 2 per domain.
+    proxies: usize,
+    targets: usize,
+}
+
 /// Runs `pipeline --with overlay` end to end, checks the fan-out, the report and the reruns, and
 /// returns the report's directory contents as (report.md, results.json).
-fn demo(ws: &Workspace, pipeline: &str, overlay: &str, new_budget: &str) -> (String, Value) {
+fn demo(
+    ws: &Workspace,
+    pipeline: &str,
+    overlay: &str,
+    new_budget: &str,
+    fanout: Fanout,
+) -> (String, Value) {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let (pipeline, overlay) = (repo.join(pipeline), repo.join(overlay));
     let (p, o) = (
@@ -26,11 +39,10 @@ fn demo(ws: &Workspace, pipeline: &str, overlay: &str, new_budget: &str) -> (Str
     let failed: Vec<_> = events.iter().filter(|e| e["outcome"] == "failed").collect();
     assert_eq!(code, 0, "failures: {failed:?}");
     let executed = with_outcome(&events, "executed");
-    // 7 domains: 1 + 2 * 7 proxy runs at each of two scales, 4 mixtures x 2 seeds.
     let count = |prefix: &str| executed.iter().filter(|s| s.starts_with(prefix)).count();
-    assert_eq!(count("proxy_small["), 15, "{executed:?}");
-    assert_eq!(count("proxy_large["), 15, "{executed:?}");
-    assert_eq!(count("target["), 8, "{executed:?}");
+    assert_eq!(count("proxy_small["), fanout.proxies, "{executed:?}");
+    assert_eq!(count("proxy_large["), fanout.proxies, "{executed:?}");
+    assert_eq!(count("target["), fanout.targets, "{executed:?}");
 
     let show = ws.run(&["--json", "show", p, "report", "--with", o]);
     assert_eq!(show.status.code(), Some(0), "{}", stderr(&show));
@@ -61,7 +73,7 @@ fn demo(ws: &Workspace, pipeline: &str, overlay: &str, new_budget: &str) -> (Str
             .iter()
             .filter(|s| s.starts_with("target["))
             .count(),
-        8
+        fanout.targets
     );
     (report, results)
 }
@@ -74,6 +86,11 @@ fn the_ngram_smoke_pipeline_runs_end_to_end_and_a_rerun_executes_nothing() {
         "pipelines/tiny_ngram.yaml",
         "pipelines/smoke_ngram.yaml",
         "200000",
+        // 7 domains: 1 + 2 * 7 proxy runs at each of two scales; 4 mixtures x 2 seeds.
+        Fanout {
+            proxies: 15,
+            targets: 8,
+        },
     );
     assert!(report.contains("| AutoScale |"), "{report}");
 }
@@ -82,6 +99,121 @@ fn the_ngram_smoke_pipeline_runs_end_to_end_and_a_rerun_executes_nothing() {
 #[test]
 fn the_tiny_gpt_smoke_pipeline_runs_end_to_end_and_a_rerun_executes_nothing() {
     let ws = Workspace::new();
-    let (report, _) = demo(&ws, "pipelines/tiny.yaml", "pipelines/smoke.yaml", "80000");
+    // 7 domains: 2 base seeds + 2 * 7 proxy runs at each of two scales; 3 mixtures x 3 seeds.
+    let (report, _) = demo(
+        &ws,
+        "pipelines/tiny.yaml",
+        "pipelines/smoke.yaml",
+        "80000",
+        Fanout {
+            proxies: 16,
+            targets: 9,
+        },
+    );
     assert!(report.contains("AutoScale"), "{report}");
+}
+
+/// A pipeline in which one domain's data only hurts: DDO at two scales with a synthetic trainer
+/// (a known loss per domain, a tiny seed-dependent jitter so three base seeds measure a noise),
+/// the predictor and nothing else. The pipeline completes, the domain sits on the bound with the
+/// warning in `--json` output, and the prediction carries intervals.
+#[test]
+fn a_domain_whose_data_only_hurts_gets_the_bound_and_the_pipeline_completes() {
+    let ws = Workspace::new();
+    // Loss per eval domain k: 3 + 2 (N_k/1000 + 0.5)^(-0.4) + 0.02 N_junk/1000, in nats; the
+    // `junk` domain has no term of its own, so more of it only raises every loss.
+    ws.write(
+        "trainer.py",
+        r#"import json, os, math, random
+p = json.loads(os.environ["AUTOSCALE_PARAMS_JSON"])
+tokens = p["tokens"]
+jitter = random.Random(int(p.get("seed", 0))).uniform(-1, 1) * 0.003
+junk = tokens["junk"] / 1000.0
+losses = {d: 3 + 2 * (tokens[d] / 1000.0 + 0.5) ** -0.4 + 0.02 * junk + jitter
+          for d in ["a", "b", "junk"] if d != "junk"}
+losses["junk"] = 4.0 + 0.02 * junk + jitter
+json.dump({"domains": {d: {"loss": l, "ppl": math.exp(l)} for d, l in losses.items()}},
+          open(os.path.join(os.environ["AUTOSCALE_OUT"], "eval.json"), "w"))
+"#,
+    );
+    let pipeline = ws.write(
+        "flat.yaml",
+        r#"name: flat
+stages:
+  - id: plan_small
+    kind: ddo_plan
+    params: {domains: [a, b, junk], base_tokens: 3000, base_seeds: 3}
+  - id: plan_large
+    kind: ddo_plan
+    params: {domains: [a, b, junk], base_tokens: 9000, base_seeds: 3}
+  - id: proxy_small
+    kind: command
+    fanout: plan_small
+    inputs: {trainer: file:trainer.py}
+    cmd: python3 "$AUTOSCALE_INPUT_TRAINER"
+  - id: proxy_large
+    kind: command
+    fanout: plan_large
+    inputs: {trainer: file:trainer.py}
+    cmd: python3 "$AUTOSCALE_INPUT_TRAINER"
+  - id: ddo_small
+    kind: ddo
+    inputs: {runs: proxy_small, plan: plan_small}
+  - id: ddo_large
+    kind: ddo
+    inputs: {runs: proxy_large, plan: plan_large}
+  - id: predict
+    kind: predict
+    inputs: {small: ddo_small, large: ddo_large}
+    params: {target_tokens: 27000, bootstrap: 100}
+"#,
+    );
+    let p = pipeline.to_str().expect("utf8");
+    let (code, events) = ws.run_json(&[p]);
+    let failed: Vec<_> = events.iter().filter(|e| e["outcome"] == "failed").collect();
+    assert_eq!(code, 0, "failures: {failed:?}");
+    for stage in ["ddo_small", "ddo_large"] {
+        let show = ws.run(&["--json", "show", p, stage]);
+        assert_eq!(show.status.code(), Some(0), "{}", stderr(&show));
+        let shown: Value = serde_json::from_slice(&show.stdout).expect("json");
+        let warnings = shown["metadata"]["result"]["warnings"].to_string();
+        assert!(
+            warnings.contains("no measurable benefit"),
+            "{stage}: {warnings}"
+        );
+        assert!(
+            shown["metadata"]["result"]["noise"]["sigma"]
+                .as_f64()
+                .is_some()
+        );
+        let dir = Path::new(shown["dir"].as_str().expect("dir"));
+        let report: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("weights.json")).expect("read"))
+                .expect("json");
+        let junk = report["domains"]
+            .as_array()
+            .expect("domains")
+            .iter()
+            .find(|d| d["name"] == "junk")
+            .expect("junk");
+        assert_eq!(junk["flat"], true, "{junk}");
+        assert_eq!(junk["on_bound"], true, "{junk}");
+    }
+    let show = ws.run(&["--json", "show", p, "predict"]);
+    let shown: Value = serde_json::from_slice(&show.stdout).expect("json");
+    let dir = Path::new(shown["dir"].as_str().expect("dir"));
+    let prediction: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("weights.json")).expect("read"))
+            .expect("json");
+    for d in prediction["domains"].as_array().expect("domains") {
+        let interval = d["interval"].as_array().expect("an interval per weight");
+        let (lo, hi, w) = (
+            interval[0].as_f64().expect("lo"),
+            interval[1].as_f64().expect("hi"),
+            d["weight"].as_f64().expect("weight"),
+        );
+        assert!(lo <= hi && lo >= 0.0 && hi <= 1.0, "{d}");
+        // The point estimate lies in (or at the edge of) its own interval, give or take rounding.
+        assert!(lo - 1e-3 <= w && w <= hi + 1e-3, "{d}");
+    }
 }
