@@ -711,24 +711,32 @@ fn steps_to_reach(curve: &[(u64, f64)], target: f64) -> Result<(f64, bool), u64>
 }
 
 fn speedup(reference: &MixtureSummary, baseline: &MixtureSummary) -> SpeedUp {
-    let unavailable = |who: &MixtureSummary| SpeedUp::Unavailable {
+    curve_speedup(
+        (&reference.name, reference.curve.as_deref()),
+        (&baseline.name, baseline.curve.as_deref()),
+    )
+}
+
+/// [`speedup`] on (mixture name, validation curve) pairs; a missing or empty curve makes it
+/// unavailable.
+fn curve_speedup(
+    (reference, ref_curve): (&str, Option<&[(u64, f64)]>),
+    (baseline, base_curve): (&str, Option<&[(u64, f64)]>),
+) -> SpeedUp {
+    let unavailable = |who: &str| SpeedUp::Unavailable {
         reason: format!(
-            "the runs of {} record no validation curve (`curve` in eval.json; the n-gram proxy, for one, evaluates only at the end), so the steps to reach a loss cannot be read",
-            who.name
+            "the runs of {who} record no validation curve (`curve` in eval.json; the n-gram proxy, for one, evaluates only at the end), so the steps to reach a loss cannot be read"
         ),
     };
-    let Some(ref_curve) = &reference.curve else {
+    let Some(&(reference_steps, reference_loss)) = ref_curve.and_then(<[_]>::last) else {
         return unavailable(reference);
     };
-    let Some(base_curve) = &baseline.curve else {
+    let Some(base_curve) = base_curve.filter(|c| !c.is_empty()) else {
         return unavailable(baseline);
-    };
-    let Some(&(reference_steps, reference_loss)) = ref_curve.last() else {
-        return unavailable(reference);
     };
     if reference_steps == 0 {
         return SpeedUp::Unavailable {
-            reason: format!("{}'s curve ends at step 0", reference.name),
+            reason: format!("{reference}'s curve ends at step 0"),
         };
     }
     match steps_to_reach(base_curve, reference_loss) {
@@ -874,16 +882,12 @@ impl SeedSpeedUps {
             let Some(j) = baseline.seeds.iter().position(|s| s == seed) else {
                 continue;
             };
-            let single = |m: &MixtureSummary, k: usize| {
-                let curve = m.seed_curves[k].clone();
-                MixtureSummary {
-                    curve: (!curve.is_empty()).then_some(curve),
-                    ..m.clone()
-                }
-            };
             per_seed.insert(
                 seed.clone(),
-                speedup(&single(reference, i), &single(baseline, j)),
+                curve_speedup(
+                    (&reference.name, Some(&reference.seed_curves[i])),
+                    (&baseline.name, Some(&baseline.seed_curves[j])),
+                ),
             );
         }
         let values: Vec<f64> = per_seed
