@@ -144,6 +144,10 @@ struct PlanArgs {
     /// The seed of the first base run and of every perturbed run.
     #[arg(long, value_name = "SEED", default_value_t = 0)]
     seed: u64,
+    /// What the replicates redraw: `seed` (initialisation and data: seeds SEED+k) or `data`
+    /// (the same seed, data_seed SEED+k: the noise the paired ratios carry).
+    #[arg(long, value_name = "seed|data", default_value = "seed")]
+    replicate: String,
 }
 
 #[derive(Debug, Args)]
@@ -267,6 +271,10 @@ fn plan(args: PlanArgs, json: bool) -> Result<u8, Failure> {
         base_weights: args.base_weights.as_deref().map(read_weights).transpose()?,
         base_seeds: args.base_seeds,
         seed: args.seed,
+        replicate: args
+            .replicate
+            .parse()
+            .map_err(|e| failure(None, e, "`--replicate seed` or `--replicate data`"))?,
     };
     let runs = autoscale_mixture::plan(&args.domains, args.tokens, &options).map_err(|e| {
         failure(

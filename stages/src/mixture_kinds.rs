@@ -22,7 +22,8 @@ use autoscale_engine::{
 };
 use autoscale_mixture::{
     BootstrapOptions, DdoOptions, DdoReport, FlatPolicy, MixError, MixtureWeights, Objective,
-    PlanOptions, PlannedRun, Prediction, ScaleComposition, Target, TokenQuantities, baselines,
+    PlanOptions, PlannedRun, Prediction, Replicate, ScaleComposition, Target, TokenQuantities,
+    baselines,
 };
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -69,6 +70,11 @@ const DDO_PLAN_PARAMS: &[ParamSpec] = &[
         ParamType::Int,
         "the training seed of the first base run and of every perturbed run [default: 0]",
     ),
+    ParamSpec::optional(
+        "replicate",
+        ParamType::String,
+        "what the base replicates redraw: `seed` (init and data) or `data` (data_seed only; the perturbed runs' own noise) [default: seed]",
+    ),
 ];
 
 /// `plan.json`: what `ddo_plan` hands to `ddo`.
@@ -83,6 +89,8 @@ pub struct DdoPlanFile {
     pub base_seeds: u32,
     #[serde(default)]
     pub seed: u64,
+    #[serde(default)]
+    pub replicate: Replicate,
     /// Each run's `id` is its fan-out id: letters, digits, `_`, `-` and `.` only.
     pub runs: Vec<PlannedRun>,
 }
@@ -97,7 +105,7 @@ impl StageKind for DdoPlanKind {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn summary(&self) -> &'static str {
@@ -156,11 +164,18 @@ fn ddo_plan(params: &Map<String, Value>) -> Result<DdoPlanFile, StageError> {
         ))
     })?;
     let seed = count(params, "seed", 0)?.unwrap_or(0);
+    let replicate = match string(params, "replicate")? {
+        Some(name) => name
+            .parse::<Replicate>()
+            .map_err(|e| param_error(format!("`replicate`: {e}")))?,
+        None => Replicate::default(),
+    };
     let options = PlanOptions {
         multipliers: multipliers.clone(),
         base_weights: base_weights.clone(),
         base_seeds,
         seed,
+        replicate,
     };
     let mut runs = autoscale_mixture::plan(&domains, base_tokens, &options)
         .map_err(|e| mix_failure("cannot plan the DDO runs", &e))?;
@@ -187,6 +202,7 @@ fn ddo_plan(params: &Map<String, Value>) -> Result<DdoPlanFile, StageError> {
         base_weights,
         base_seeds,
         seed,
+        replicate,
         runs,
     })
 }
@@ -221,7 +237,7 @@ fn fanout_child(run: &PlannedRun) -> Value {
         .map(|(d, n)| (d, n.round() as u64))
         .collect();
     let total: u64 = tokens.values().sum();
-    json!({
+    let mut child = json!({
         "id": run.id,
         "params": {
             "run": run.id,
@@ -232,7 +248,12 @@ fn fanout_child(run: &PlannedRun) -> Value {
             "tokens": tokens,
             "weights": run.weights,
         }
-    })
+    });
+    // Only data replicates carry it, so every other run's key stays what it was.
+    if let Some(data_seed) = run.data_seed {
+        child["params"]["data_seed"] = json!(data_seed);
+    }
+    child
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,7 +310,7 @@ impl StageKind for DdoKind {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn summary(&self) -> &'static str {
@@ -605,7 +626,7 @@ impl StageKind for PredictKind {
     }
 
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn summary(&self) -> &'static str {
@@ -1904,6 +1925,37 @@ mod tests {
     }
 
     #[test]
+    fn data_replicates_share_the_seed_and_carry_a_data_seed() {
+        let plan = json!({"domains": DOMAINS, "base_tokens": 3e8, "base_seeds": 3, "seed": 1, "replicate": "data"});
+        let children = match DdoPlanKind.planned_fanout(plan.as_object().expect("map")) {
+            Some(Ok(children)) => children,
+            other => panic!("{:?}", other.map(|r| r.map(|c| c.len()))),
+        };
+        let seeds: Vec<(Option<u64>, Option<u64>)> = children
+            .iter()
+            .take(4)
+            .map(|c| {
+                let seed = |name: &str| c.params.get(name).and_then(Value::as_u64);
+                (seed("seed"), seed("data_seed"))
+            })
+            .collect();
+        assert_eq!(
+            seeds,
+            [
+                (Some(1), None),
+                (Some(1), Some(2)),
+                (Some(1), Some(3)),
+                (Some(1), None)
+            ]
+        );
+        let bad = json!({"domains": DOMAINS, "base_tokens": 3e8, "replicate": "init"});
+        let err = DdoPlanKind
+            .check(bad.as_object().expect("map"))
+            .expect_err("unknown");
+        assert!(err.contains("replicate"), "{err}");
+    }
+
+    #[test]
     fn replicated_base_runs_carry_seeds_and_give_ddo_its_noise() {
         let h = Harness::new();
         let plan = json!({"domains": DOMAINS, "base_tokens": 3e8, "base_seeds": 3, "seed": 1});
@@ -1917,6 +1969,11 @@ mod tests {
             .filter_map(|c| c["params"]["seed"].as_u64())
             .collect();
         assert_eq!(seeds, [1, 2, 3, 1, 1, 1, 1, 1, 1]);
+        assert!(
+            children
+                .iter()
+                .all(|c| c["params"].get("data_seed").is_none())
+        );
 
         let (dir, summary) = h
             .run(

@@ -1,7 +1,8 @@
 //! The parametric bootstrap behind DDO's and the predictor's intervals: the base replicates
 //! measure the runs' noise `sigma` (in units of the objective ratio), so each resample draws
-//! every perturbed run's ratio as `y_j + sigma* eps_j` and the base mean as
-//! `1 + (sigma* / sqrt K) eps_0`, renormalises so the base point is 1 again, and redoes the fit
+//! every perturbed run's ratio as `y_j + sigma* eps_j` and the paired base run (the first
+//! replicate, whose seed the perturbed runs share) as `1 + sigma* eps_0`, renormalises so the
+//! base point is 1 again, and redoes the fit
 //! and solve (flat domains to the bound, so every resample has an answer). The spread of the
 //! answers over a few hundred resamples is the interval. Seeded, so a report is reproducible.
 //!
@@ -106,8 +107,10 @@ pub(crate) fn resample_points(
     rng: &mut StdRng,
 ) -> Vec<Vec<CurvePoint>> {
     let mut eps = || -> f64 { StandardNormal.sample(rng) };
-    let base_runs = evidence.base_runs.max(1) as f64;
-    let base = 1.0 + sigma / base_runs.sqrt() * eps();
+    // One run, not the replicates' mean: the ratios divide by the paired first replicate. The
+    // draws are independent, which overstates the noise when a seed's luck is shared by the
+    // runs it seeds (that part cancels in the ratios): the intervals err on the wide side.
+    let base = 1.0 + sigma * eps();
     evidence
         .points
         .iter()

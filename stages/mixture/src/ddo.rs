@@ -81,13 +81,52 @@ pub struct PlanOptions {
     /// only measure of the proxy runs' noise, so two or more let DDO say what is signal.
     #[serde(default = "one")]
     pub base_seeds: u32,
-    /// The seed of the first base run and of every perturbed run; replicate `k` gets `seed + k`.
+    /// The seed of the first base run and of every perturbed run; replicate `k` gets `seed + k`
+    /// (as its seed, or as its data seed alone; see [`Replicate`]).
     #[serde(default)]
     pub seed: u64,
+    #[serde(default)]
+    pub replicate: Replicate,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// What the base replicates vary, and so which noise their spread measures.
+///
+/// The perturbed runs share the first base run's seed, and DDO's ratios pair them with it.
+/// Two runs of one seed share the initialisation, and differ in their data draw only as much
+/// as their mixtures differ, so the noise left in a ratio is the data draw's. `Data` replicates
+/// measure exactly that: they share the seed and redraw the data (`data_seed: seed + k`).
+/// `Seed` replicates redraw the initialisation too, so their spread also holds the
+/// initialisation's luck, which the paired ratios do not carry: a conservative σ, and the
+/// only one for a trainer that has no separate data seed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Replicate {
+    /// New seed per replicate: initialisation and data draw (`seed: seed + k`).
+    #[default]
+    Seed,
+    /// Same seed, new data draw per replicate (`data_seed: seed + k`); the trainer must take
+    /// a `data_seed` param, as the built-in `train` kind does.
+    Data,
+}
+
+impl FromStr for Replicate {
+    type Err = MixError;
+    fn from_str(s: &str) -> Result<Self, MixError> {
+        match s {
+            "seed" => Ok(Self::Seed),
+            "data" => Ok(Self::Data),
+            other => Err(MixError::invalid(
+                "replicate",
+                format!(
+                    "`{other}`; use `seed` (initialisation and data) or `data` (data draw only)"
+                ),
+            )),
+        }
+    }
 }
 
 impl Default for PlanOptions {
@@ -97,6 +136,7 @@ impl Default for PlanOptions {
             base_weights: None,
             base_seeds: 1,
             seed: 0,
+            replicate: Replicate::Seed,
         }
     }
 }
@@ -116,6 +156,9 @@ pub struct PlannedRun {
     /// from it are not seed noise.
     #[serde(default)]
     pub seed: u64,
+    /// The data draw's seed, when a replicate redraws only its data ([`Replicate::Data`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_seed: Option<u64>,
 }
 
 /// The `base_seeds + m * multipliers.len()` runs DDO needs at base total `base_tokens`: the
@@ -184,7 +227,12 @@ pub fn plan(
             total_tokens: tokens.total(),
             weights: tokens.to_weights()?,
             tokens,
-            seed: options.seed.wrapping_add(u64::from(replicate)),
+            seed: match options.replicate {
+                Replicate::Seed => options.seed.wrapping_add(u64::from(replicate)),
+                Replicate::Data => options.seed,
+            },
+            data_seed: (options.replicate == Replicate::Data && replicate > 0)
+                .then(|| options.seed.wrapping_add(u64::from(replicate))),
         })
     };
     let mut runs = Vec::new();
@@ -507,7 +555,8 @@ pub struct DomainResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Noise {
     pub base_runs: usize,
-    /// Each base replicate's objective; their mean is the report's `base_objective`.
+    /// Each base replicate's objective, the paired one (the perturbed runs' seed) first: it
+    /// is the report's `base_objective`.
     pub base_objectives: Vec<f64>,
     /// Sample standard deviation of `base_objectives` over their mean: the noise in units of
     /// the objective ratio `y`. `None` with a single base run.
@@ -556,7 +605,8 @@ impl Noise {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DdoReport {
     pub objective: Objective,
-    /// The mean of the base replicates' objectives; every ratio divides by it.
+    /// The objective of the first base replicate, the one whose seed every perturbed run
+    /// shares: every ratio divides by it, so a seed's luck cancels out of the ratios.
     pub base_objective: f64,
     /// Predicted objective at the optimum over the base objective, from the additive model
     /// `1 + sum_i (y_i(n_i) - y_i(1))` over the fitted (not flat) domains.
@@ -605,8 +655,8 @@ pub fn ddo_from_csv_path(path: &Path, options: &DdoOptions) -> Result<DdoReport,
 }
 
 /// Fits each trained domain's ratio curve `y_i(x) = (x + a_i)^(-b_i) + c_i` through its runs'
-/// objective over the mean base objective (with `y_i(1) = 1`), then solves for the
-/// multipliers with [`solve_multipliers`]. A domain whose objective does not fall goes to the
+/// objective over the first base replicate's (whose seed the perturbed runs share; `y_i(1) =
+/// 1`), then solves for the multipliers with [`solve_multipliers`]. A domain whose objective does not fall goes to the
 /// lower bound or fails, per [`DdoOptions::flat_domains`]. With two or more base runs the
 /// report measures the noise and bootstraps intervals on the weights.
 pub fn ddo(runs: &DdoRuns, options: &DdoOptions) -> Result<DdoReport, MixError> {
@@ -620,7 +670,7 @@ pub fn ddo(runs: &DdoRuns, options: &DdoOptions) -> Result<DdoReport, MixError> 
         ));
     }
     let (evidence, noise) = evidence_from_runs(runs, options)?;
-    let base_objective = noise.base_objectives.iter().sum::<f64>() / noise.base_runs as f64;
+    let base_objective = noise.base_objectives[0];
     let solved = fit_and_solve(
         &evidence,
         &evidence.points,
@@ -695,6 +745,12 @@ pub fn ddo(runs: &DdoRuns, options: &DdoOptions) -> Result<DdoReport, MixError> 
             interval: None,
         });
     }
+    if noise.base_runs >= 2 && noise.sigma == Some(0.0) {
+        warnings.push(format!(
+            "the {} base replicates gave exactly the same objective, so sigma is 0 and nothing can be judged against noise; does the trainer take the replicates' `seed` (or `data_seed` with `replicate: data`)?",
+            noise.base_runs
+        ));
+    }
     let noisy: Vec<String> = domains
         .iter()
         .filter(|d| d.within_noise)
@@ -752,7 +808,8 @@ pub fn ddo(runs: &DdoRuns, options: &DdoOptions) -> Result<DdoReport, MixError> 
 /// A domain whose effect is under this many noise units is "within noise".
 const WITHIN_NOISE_SNR: f64 = 2.0;
 
-/// The ratios DDO fits, each run's objective over the base replicates' mean, and the noise.
+/// The ratios DDO fits (each run's objective over the paired, first, base replicate's) and
+/// the noise.
 pub(crate) fn evidence_from_runs(
     runs: &DdoRuns,
     options: &DdoOptions,
@@ -763,10 +820,16 @@ pub(crate) fn evidence_from_runs(
     }
     let base_objectives: Vec<f64> = runs.base.iter().map(|p| objective.evaluate(p)).collect();
     let mean = base_objectives.iter().sum::<f64>() / base_objectives.len() as f64;
-    if !(mean.is_finite() && mean != 0.0) {
+    // The perturbed runs share the first replicate's seed (its initialisation and its draws),
+    // so their ratios are paired with it: a lucky or unlucky seed moves the perturbed runs
+    // with it, and dividing by the replicates' mean would leave that luck in every ratio.
+    let paired = base_objectives[0];
+    if !(mean.is_finite() && mean != 0.0 && paired.is_finite() && paired != 0.0) {
         return Err(MixError::invalid(
             "base runs",
-            format!("their mean {objective} is {mean}; ratios to it mean nothing"),
+            format!(
+                "their {objective} is {paired} (first replicate), {mean} (mean); ratios to it mean nothing"
+            ),
         ));
     }
     let trained: Vec<String> = runs
@@ -782,7 +845,7 @@ pub(crate) fn evidence_from_runs(
             ratio: 1.0,
         }];
         for r in runs.perturbed.iter().filter(|r| &r.domain == domain) {
-            let ratio = objective.evaluate(&r.perplexities) / mean;
+            let ratio = objective.evaluate(&r.perplexities) / paired;
             if !(ratio.is_finite() && r.multiplier.is_finite() && r.multiplier > 0.0) {
                 return Err(MixError::invalid(
                     format!("run `{domain}` x{}", r.multiplier),
@@ -1653,6 +1716,35 @@ c4,3,20,29,39.6
     }
 
     #[test]
+    fn ratios_pair_with_the_first_base_replicate_not_the_mean() {
+        // The first replicate is the lucky one (objective 27 against a mean of 30); a perturbed
+        // run that matches it exactly must read as no change, not as a 10% gain.
+        let csv = GOOD.replace(",1,20,30,40\n", ",1,18,27,36\n,1,20,30,40\n,1,22,33,44\n");
+        let report = ddo_from_csv(csv.as_bytes(), &DdoOptions::default()).expect("ddo");
+        assert_eq!(report.noise.base_objectives, vec![27.0, 30.0, 33.0]);
+        assert_eq!(report.base_objective, 27.0);
+        let sigma = report.noise.sigma.expect("measured");
+        assert!((sigma - 0.1).abs() < 1e-12, "{sigma}");
+        let books = &report.domains[0];
+        let run = books
+            .points
+            .iter()
+            .find(|p| p.multiplier == 3.0)
+            .expect("x3");
+        let first = GOOD
+            .lines()
+            .find(|l| l.starts_with("books,3,"))
+            .expect("row");
+        let cols: Vec<f64> = first
+            .split(',')
+            .skip(2)
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let objective = cols.iter().sum::<f64>() / cols.len() as f64;
+        assert!((run.ratio - objective / 27.0).abs() < 1e-12, "{run:?}");
+    }
+
+    #[test]
     fn base_replicates_measure_noise_snr_and_intervals() {
         let three = GOOD.replace(
             ",1,20,30,40\n",
@@ -1756,5 +1848,33 @@ c4,3,20,29,39.6
         old.as_object_mut().expect("object").remove("seed");
         let back: PlannedRun = serde_json::from_value(old).expect("old plan");
         assert_eq!(back.seed, 0);
+        assert!(runs.iter().all(|r| r.data_seed.is_none()));
+    }
+
+    #[test]
+    fn data_replicates_share_the_seed_and_redraw_the_data() {
+        let domains = vec!["books".to_owned(), "c4".to_owned()];
+        let options = PlanOptions {
+            base_seeds: 3,
+            seed: 7,
+            replicate: "data".parse().expect("known"),
+            ..PlanOptions::default()
+        };
+        let runs = plan(&domains, 1e6, &options).expect("plan");
+        let seeds: Vec<(u64, Option<u64>)> = runs.iter().map(|r| (r.seed, r.data_seed)).collect();
+        assert_eq!(
+            seeds,
+            [
+                (7, None),
+                (7, Some(8)),
+                (7, Some(9)),
+                (7, None),
+                (7, None),
+                (7, None),
+                (7, None)
+            ]
+        );
+        let err = "init".parse::<Replicate>().expect_err("unknown");
+        assert!(err.to_string().contains("`data`"), "{err}");
     }
 }

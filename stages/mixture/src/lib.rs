@@ -24,8 +24,8 @@ mod types;
 pub use bootstrap::BootstrapOptions;
 pub use ddo::{
     CurvePoint, DdoEvidence, DdoOptions, DdoReport, DdoRuns, DomainResult, FlatPolicy,
-    MultiplierSolution, Noise, Objective, PerturbedRun, PlanOptions, PlannedRun, ddo, ddo_from_csv,
-    ddo_from_csv_path, parse_ddo_csv, plan, render_plan_table, solve_multipliers,
+    MultiplierSolution, Noise, Objective, PerturbedRun, PlanOptions, PlannedRun, Replicate, ddo,
+    ddo_from_csv, ddo_from_csv_path, parse_ddo_csv, plan, render_plan_table, solve_multipliers,
 };
 pub use error::MixError;
 pub use fit::{CurveFit, PowerCurve, fit_power_curve};

@@ -1217,7 +1217,8 @@ mod tests {
         let score = |rule| scores.iter().find(|s| s.rule == rule).expect("scored");
         let (old, new) = (score(CensoredRule::Through), score(CENSORED_RULE));
         assert!(
-            new.mean < old.mean && new.worst <= old.worst && new.failed == 0,
+            // The worst case is often the same problem under both rules: equal up to rounding.
+            new.mean < old.mean && new.worst <= old.worst + 1e-9 && new.failed == 0,
             "{:?} {} {} vs {:?} {} {}",
             new.rule,
             new.mean,

@@ -166,6 +166,11 @@ const TRAIN_PARAMS: &[ParamSpec] = &[
         "seeds the init, the data draw and BERT's masks [default: 0]",
     ),
     ParamSpec::optional(
+        "data_seed",
+        ParamType::Int,
+        "seeds the data draw alone, so runs can share an init and differ in data [default: seed]",
+    ),
+    ParamSpec::optional(
         "eval_domains",
         ParamType::List,
         "domains to validate on [default: every domain of the data]",

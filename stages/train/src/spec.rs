@@ -88,6 +88,9 @@ pub struct TrainSpec {
     pub beta2: f64,
     pub adam_eps: f64,
     pub seed: u64,
+    /// Seeds the data draw when set; `seed` otherwise. Replicates that share `seed` and differ
+    /// here share an initialisation, so their spread is the data draw's noise alone.
+    pub data_seed: Option<u64>,
     pub eval: EvalOptions,
     /// Steps between checkpoints (`None`: twenty per run).
     pub checkpoint_every: Option<u64>,
@@ -412,6 +415,7 @@ pub fn train_spec(
         beta2: 0.999,
         adam_eps: 1e-8,
         seed: count(params, "seed")?.unwrap_or(0),
+        data_seed: count(params, "data_seed")?,
         eval: EvalOptions {
             domains: strings(params, "eval_domains")?,
             tokens: eval_tokens,
@@ -481,6 +485,10 @@ mod tests {
         assert_eq!((s.lr, s.warmup, s.weight_decay), (2e-4, 0.1, 0.01));
         assert_eq!(s.schedule, Decay::Linear);
         assert_eq!(s.epochs, 1);
+        assert_eq!((s.seed, s.data_seed), (0, None));
+        let replicate =
+            spec(json!({"tokens": {"books": 1000}, "seed": 3, "data_seed": 5})).unwrap();
+        assert_eq!((replicate.seed, replicate.data_seed), (3, Some(5)));
         // The job round-trips through its JSON file.
         let job = Job::Train(Box::new(s));
         let text = serde_json::to_string(&job).unwrap();

@@ -195,7 +195,8 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
     for d in quantities.keys() {
         windows.insert(d.clone(), corpus.domain(d)?.train.windows(seq_len));
     }
-    let plan = SequencePlan::new(&quantities, &windows, seq_len, spec.epochs, spec.seed)?;
+    let data_seed = spec.data_seed.unwrap_or(spec.seed);
+    let plan = SequencePlan::new(&quantities, &windows, seq_len, spec.epochs, data_seed)?;
     let per_step = spec.batch_size * spec.grad_accum;
     let steps = plan.steps(per_step);
     let schedule = LrSchedule {
@@ -419,6 +420,7 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
         "schedule": spec.schedule,
         "warmup_steps": schedule.warmup_steps,
         "seed": spec.seed,
+        "data_seed": spec.data_seed.unwrap_or(spec.seed),
         "tokenizer": run.corpus.vocab.tokenizer,
         "data_layout": run.corpus.layout,
     });
