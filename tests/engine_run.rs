@@ -549,3 +549,92 @@ fn ctrl_c_stops_the_children_caches_nothing_half_done_and_the_next_run_resumes()
     assert_eq!(code, 0);
     assert_eq!(with_outcome(&events, "executed"), ["slow"]);
 }
+
+/// The issue's repro: a run killed while its stage still writes, then an immediate rerun. The
+/// killed stage's process must not live on and append to the rerun's result.
+#[test]
+fn a_killed_runs_stage_does_not_write_into_the_next_runs_result() {
+    let ws = Workspace::new();
+    let started = ws.path().join("started");
+    ws.write(
+        "p.yaml",
+        &format!(
+            r#"
+name: orphan
+stages:
+  - id: slow
+    kind: command
+    cmd: "echo part1 > $AUTOSCALE_OUT/v.txt; touch {started}; (sleep 2; echo bg >> $AUTOSCALE_OUT/bg.txt) & sleep 2; echo part2 >> $AUTOSCALE_OUT/v.txt; wait"
+"#,
+            started = started.display()
+        ),
+    );
+    let mut child = ws
+        .cmd(&["run", "p.yaml"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(started.exists(), "the stage started");
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    std::fs::remove_file(&started).expect("rm");
+    let (code, events) = ws.run_json(&["p.yaml"]);
+    assert_eq!(code, 0);
+    assert_eq!(with_outcome(&events, "executed"), ["slow"]);
+    // Past the moment the killed attempt's processes would have written.
+    std::thread::sleep(Duration::from_millis(2500));
+    let show: serde_json::Value =
+        serde_json::from_str(&stdout_of(&ws, &["--json", "show", "p.yaml", "slow"])).expect("json");
+    let dir = std::path::PathBuf::from(show["dir"].as_str().expect("dir"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("v.txt")).expect("v.txt"),
+        "part1\npart2\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("bg.txt")).expect("bg.txt"),
+        "bg\n"
+    );
+    let verify = ws.run(&["cache", "verify"]);
+    assert_eq!(verify.status.code(), Some(0), "{}", stdout(&verify));
+}
+
+/// The issue's repro: a background job keeps writing to an output after the command exits 0.
+/// It is killed before the outputs are hashed, so the stored blob never changes under its
+/// digest and a dependent reads what the command wrote.
+#[test]
+fn a_background_job_cannot_write_after_the_command_exits() {
+    let ws = Workspace::new();
+    ws.write(
+        "p.yaml",
+        r#"
+name: late
+stages:
+  - id: writer
+    kind: command
+    cmd: "exec 3>$AUTOSCALE_OUT/v.txt; echo good >&3; (sleep 1; echo LATE >&3) &"
+  - id: reader
+    kind: command
+    inputs: {v: writer/v.txt}
+    cmd: "sleep 1.5; cat $AUTOSCALE_INPUT_V > $AUTOSCALE_OUT/copy.txt"
+"#,
+    );
+    let (code, events) = ws.run_json(&["p.yaml"]);
+    assert_eq!(code, 0);
+    assert_eq!(with_outcome(&events, "executed"), ["reader", "writer"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let show: serde_json::Value =
+        serde_json::from_str(&stdout_of(&ws, &["--json", "show", "p.yaml", "reader"]))
+            .expect("json");
+    let dir = std::path::PathBuf::from(show["dir"].as_str().expect("dir"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("copy.txt")).expect("copy"),
+        "good\n"
+    );
+    let verify = ws.run(&["cache", "verify"]);
+    assert_eq!(verify.status.code(), Some(0), "{}", stdout(&verify));
+}

@@ -152,8 +152,13 @@ impl Cache {
             .join(format!("{hex}.json"))
     }
 
-    fn staging_dir(&self, key: &ActionKey) -> PathBuf {
-        self.base.join("tmp").join(key.to_hex())
+    /// The staging folder of one attempt: `tmp/<key>.<attempt>`. A process left over from an
+    /// earlier attempt (a killed run's stage) can only write into its own attempt's folder,
+    /// never into the one a later attempt will store.
+    fn staging_dir(&self, lock: &KeyLock) -> PathBuf {
+        self.base
+            .join("tmp")
+            .join(format!("{}.{}", lock.key().to_hex(), lock.attempt()))
     }
 
     pub(crate) fn tmp_file(&self, label: &str) -> PathBuf {

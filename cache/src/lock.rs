@@ -24,6 +24,8 @@ pub struct LockHolder {
 #[derive(Debug)]
 pub struct KeyLock {
     key: ActionKey,
+    /// Names this holding of the lock, so each attempt stages into a folder of its own.
+    attempt: String,
     // Held for its lock; closing the file releases it.
     _file: fs::File,
 }
@@ -31,6 +33,10 @@ pub struct KeyLock {
 impl KeyLock {
     pub fn key(&self) -> &ActionKey {
         &self.key
+    }
+
+    pub(crate) fn attempt(&self) -> &str {
+        &self.attempt
     }
 }
 
@@ -104,7 +110,16 @@ impl Cache {
         let bytes = serde_json::to_vec(&holder).unwrap_or_default();
         file.set_len(0).map_err(io_err(path))?;
         file.write_all(&bytes).map_err(io_err(path))?;
-        Ok(KeyLock { key, _file: file })
+        static ATTEMPTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = ATTEMPTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        Ok(KeyLock {
+            key,
+            attempt: format!("{}.{n}.{nanos:08x}", holder.pid),
+            _file: file,
+        })
     }
 }
 

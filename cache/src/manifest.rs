@@ -205,13 +205,20 @@ impl Cache {
         fs::set_permissions(target, perms).map_err(io_err(target))
     }
 
-    /// A fresh, empty staging directory for a key whose lock the caller holds. Whatever a
-    /// killed holder left there is removed first.
-    pub fn staging(&self, _lock: &KeyLock) -> Result<PathBuf, CacheError> {
-        let dir = self.staging_dir(_lock.key());
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+    /// A fresh, empty staging directory for this attempt at a key whose lock the caller
+    /// holds. The folders of earlier attempts (a killed holder's) are removed first.
+    pub fn staging(&self, lock: &KeyLock) -> Result<PathBuf, CacheError> {
+        let tmp = self.base.join("tmp");
+        let prefix = format!("{}.", lock.key().to_hex());
+        if let Ok(entries) = fs::read_dir(&tmp) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with(&prefix) {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
         }
+        let dir = self.staging_dir(lock);
         create_dir(&dir.join("out"))?;
         Ok(dir)
     }
@@ -227,7 +234,7 @@ impl Cache {
         timings: StageTimings,
     ) -> Result<PendingAction, CacheError> {
         let key = *lock.key();
-        let staging = self.staging_dir(&key);
+        let staging = self.staging_dir(&lock);
         let out = staging.join("out");
         let tree = staging.join("tree");
         create_dir(&tree)?;
@@ -317,8 +324,7 @@ impl Cache {
         for pending in batch {
             self.write_manifest(&pending.manifest)?;
             let key = pending.manifest.key;
-            let staging = self.staging_dir(&key);
-            let _ = fs::remove_dir_all(&staging);
+            let _ = fs::remove_dir_all(self.staging_dir(&pending.lock));
             let _ = fs::remove_dir_all(self.base.join("scratch").join(key.to_hex()));
             drop(pending.lock);
             done.push(pending.manifest);
@@ -331,7 +337,7 @@ impl Cache {
 
     /// Drops a failed action's staging; failures are never cached.
     pub fn abandon(&self, lock: KeyLock) {
-        let _ = fs::remove_dir_all(self.staging_dir(lock.key()));
+        let _ = fs::remove_dir_all(self.staging_dir(&lock));
     }
 }
 

@@ -1,21 +1,210 @@
-//! For kinds that run child processes: stopping a child's whole process group.
+//! For kinds that run child processes: a stage's processes live in one process group of their
+//! own, die with the engine, and are all gone before the stage's outputs are stored.
+//!
+//! - [`spawn_group`] starts the child as the leader of a new group, with a parent-death signal
+//!   (SIGHUP) so that an engine killed outright still takes the child with it. Only the direct
+//!   child gets that signal; [`guarded_shell`] wraps a shell command so that the signal kills
+//!   the whole group, background jobs included.
+//! - [`reap_group`] kills whatever is left of a group once its leader has exited (a background
+//!   job still writing into the outputs) and waits until none of it is left, so that nothing
+//!   writes after the outputs are hashed, and no retry starts while a writer may live.
+//! - [`become_subreaper`] makes the engine the parent of its stages' orphans, so that it can
+//!   reap them (they would otherwise be zombies where PID 1 does not reap).
 
-use std::process::Child;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, kill_process_group};
+use rustix::process::{
+    Pid, Signal, WaitOptions, kill_process_group, test_kill_process_group, waitpgid,
+};
 
-/// SIGTERM to the group, up to `grace` for `child` to exit, then SIGKILL; reaps `child`.
+/// SIGTERM to the group, up to `grace` for `child` to exit, then SIGKILL; reaps `child` and
+/// what is left of its group.
 /// A command's own children (a shell's pipeline, a trainer's workers) go with it.
 pub fn stop_group(pgid: Pid, child: &mut Child, grace: Duration) {
     let _ = kill_process_group(pgid, Signal::TERM);
     let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
+            let _ = reap_group(pgid, GROUP_DEADLINE);
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = kill_process_group(pgid, Signal::KILL);
     let _ = child.wait();
+    let _ = reap_group(pgid, GROUP_DEADLINE);
+}
+
+/// How long [`reap_group`] waits for a killed group to disappear.
+pub const GROUP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What [`reap_group`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftovers {
+    /// The group was already empty.
+    None,
+    /// Processes of the group were still running; they were killed and are gone.
+    Killed,
+}
+
+/// Kills every process left in group `pgid` (its leader has been waited for already) and
+/// waits until the group is empty, reaping those that are this process's children.
+/// `Err` when processes of the group outlive `deadline`: the caller must not trust the
+/// stage's outputs.
+pub fn reap_group(pgid: Pid, deadline: Duration) -> Result<Leftovers, String> {
+    if test_kill_process_group(pgid).is_err() {
+        return Ok(Leftovers::None);
+    }
+    let _ = kill_process_group(pgid, Signal::KILL);
+    let until = Instant::now() + deadline;
+    let mut pause = Duration::from_micros(200);
+    loop {
+        // Reap the group's zombies we are the parent of (see `become_subreaper`).
+        while let Ok(Some(_)) = waitpgid(pgid, WaitOptions::NOHANG) {}
+        if test_kill_process_group(pgid).is_err() {
+            return Ok(Leftovers::Killed);
+        }
+        if Instant::now() >= until {
+            return Err(format!(
+                "processes of the stage's group {} survived SIGKILL for {deadline:?}",
+                pgid.as_raw_nonzero()
+            ));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Makes this process the reaper of its descendants' orphans. Best effort: without it, the
+/// orphans of a stage go to PID 1, and [`reap_group`] waits for it to reap them.
+pub fn become_subreaper() {
+    let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
+}
+
+/// Starts `command` as the leader of a new process group that gets SIGHUP when the thread
+/// that spawned it exits (with the engine, or a killed engine). Spawn from a thread that lives
+/// as long as the child: a worker thread that waits for it.
+pub fn spawn_group(command: &mut Command) -> io::Result<(Child, Pid)> {
+    let parent = rustix::process::getpid();
+    command.process_group(0);
+    // Runs in the forked child before exec, so it may only make async-signal-safe calls:
+    // two syscalls through rustix, no allocation, no locks.
+    #[allow(unsafe_code)]
+    // SAFETY: the closure calls only `prctl(PR_SET_PDEATHSIG)` and `getppid`, both
+    // async-signal-safe system calls, and builds its error without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(Signal::HUP))?;
+            // The engine may have died between fork and the call above.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(io::Error::from_raw_os_error(libc_esrch()));
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    let pgid = Pid::from_raw(child.id() as i32)
+        .ok_or_else(|| io::Error::other("the child has no process id"))?;
+    Ok((child, pgid))
+}
+
+fn libc_esrch() -> i32 {
+    rustix::io::Errno::SRCH.raw_os_error()
+}
+
+/// `sh -c` arguments that run `cmd` as a background job of a guard shell: when the engine dies
+/// the guard gets SIGHUP (see [`spawn_group`]) and kills the whole group, so nothing the
+/// command started outlives a killed engine. The command's exit status is the guard's.
+pub fn guarded_shell(cmd: &str) -> [&str; 4] {
+    ["-c", GUARD, "autoscale-stage", cmd]
+}
+
+const GUARD: &str = "trap 'kill -KILL 0' HUP\nsh -c \"$1\" &\nwait $!";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Stdio;
+
+    fn alive(pid: i32) -> bool {
+        Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+    }
+
+    #[test]
+    fn the_guard_keeps_the_exit_status_and_reap_kills_background_jobs() {
+        become_subreaper();
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("bg.pid");
+        let cmd = format!(
+            "(sleep 30; echo late) & echo $! > '{}'; exit 3",
+            pidfile.display()
+        );
+        let (mut child, pgid) = spawn_group(
+            Command::new("sh")
+                .args(guarded_shell(&cmd))
+                .stdin(Stdio::null()),
+        )
+        .unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(3));
+        let bg: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(alive(bg), "the background job runs on after the command");
+        assert_eq!(reap_group(pgid, GROUP_DEADLINE), Ok(Leftovers::Killed));
+        assert!(!alive(bg), "reap_group left {bg} running");
+        assert_eq!(reap_group(pgid, GROUP_DEADLINE), Ok(Leftovers::None));
+    }
+
+    #[test]
+    fn a_guard_that_loses_its_parent_kills_its_whole_group() {
+        // A middle process spawns the guarded command from a thread, then exits: the
+        // parent-death signal must take the command's background job with it.
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("bg.pid");
+        let inner = format!("sleep 30 & echo $! > '{}'; wait", pidfile.display());
+        let handle = std::thread::spawn(move || {
+            let (child, _) = spawn_group(
+                Command::new("sh")
+                    .args(guarded_shell(&inner))
+                    .stdin(Stdio::null()),
+            )
+            .unwrap();
+            // Keep `child` unwaited; the thread's exit is the "engine" dying.
+            std::mem::forget(child);
+            for _ in 0..500 {
+                if pidfile.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let bg: i32 = std::fs::read_to_string(&pidfile)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(alive(bg), "the job runs while its guard's parent lives");
+            pidfile
+        });
+        let pidfile = handle.join().unwrap();
+        let bg: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // With the test process as subreaper (the other test) the killed job may linger as a
+        // zombie of ours; `alive` counts a zombie as dead.
+        let until = Instant::now() + Duration::from_secs(10);
+        while alive(bg) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(bg), "{bg} outlived its guard's parent thread");
+    }
 }

@@ -518,6 +518,8 @@ impl Engine {
         on_event: &(dyn Fn(Event) + Sync),
     ) -> Result<RunSummary, EngineError> {
         let started = Instant::now();
+        // Orphans of stage processes come to us, so `process::reap_group` can reap them.
+        crate::process::become_subreaper();
         let devices = options.gpus.resolve();
         let total_memory_mb = system_memory_mb();
         self.check_resources(pipeline, &devices, total_memory_mb, on_event)?;

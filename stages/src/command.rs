@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::process::CommandExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -103,8 +103,9 @@ impl StageKind for CommandKind {
             .map_err(|e| io_failure("open the log", &ctx.log_path, e))?;
         let mut command = Command::new("sh");
         command
-            .arg("-c")
-            .arg(&cmd)
+            // A guard shell runs `cmd` so that a killed engine takes all of it down (see
+            // `autoscale_engine::process`).
+            .args(autoscale_engine::process::guarded_shell(&cmd))
             .current_dir(&ctx.work_dir)
             .stdin(Stdio::null())
             .stdout(log)
@@ -116,9 +117,7 @@ impl StageKind for CommandKind {
             .env(
                 "AUTOSCALE_PARAMS_JSON",
                 Value::Object(ctx.params.clone()).to_string(),
-            )
-            // A group of its own, so stopping the stage stops everything it started.
-            .process_group(0);
+            );
         for (name, path) in &inputs {
             command.env(
                 format!("AUTOSCALE_INPUT_{}", name.to_ascii_uppercase()),
@@ -139,31 +138,55 @@ impl StageKind for CommandKind {
         for (k, v) in ctx.env {
             command.env(k, v);
         }
-        let mut child = command.spawn().map_err(|e| StageError::Failed {
-            message: format!("cannot start `sh`: {e}"),
-            hint: Some("is a POSIX shell installed?".into()),
-        })?;
-        let pgid = rustix::process::Pid::from_raw(child.id() as i32);
+        // Its own process group, so stopping the stage stops everything it started.
+        let (mut child, pgid) =
+            autoscale_engine::process::spawn_group(&mut command).map_err(|e| {
+                StageError::Failed {
+                    message: format!("cannot start `sh`: {e}"),
+                    hint: Some("is a POSIX shell installed?".into()),
+                }
+            })?;
         let mut sleep = Duration::from_micros(100);
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) => {}
                 Err(e) => {
+                    autoscale_engine::process::stop_group(pgid, &mut child, GRACE);
                     return Err(StageError::failed(format!(
                         "lost track of the command: {e}"
                     )));
                 }
             }
             if ctx.cancelled() {
-                if let Some(pgid) = pgid {
-                    autoscale_engine::process::stop_group(pgid, &mut child, GRACE);
-                }
+                autoscale_engine::process::stop_group(pgid, &mut child, GRACE);
                 return Err(StageError::Cancelled);
             }
             std::thread::sleep(sleep);
             sleep = (sleep * 2).min(Duration::from_millis(50));
         };
+        // Background jobs the command left running could still write into its outputs, or
+        // into a retry's: none may live once the outputs are hashed or the stage is retried.
+        match autoscale_engine::process::reap_group(pgid, autoscale_engine::process::GROUP_DEADLINE)
+        {
+            Ok(autoscale_engine::process::Leftovers::None) => {}
+            Ok(autoscale_engine::process::Leftovers::Killed) => {
+                if let Ok(mut log) = fs::OpenOptions::new().append(true).open(&ctx.log_path) {
+                    let _ = writeln!(
+                        log,
+                        "autoscale: the command exited with processes of its own still running; they were killed before its outputs were stored"
+                    );
+                }
+            }
+            Err(e) => {
+                return Err(StageError::Failed {
+                    message: e,
+                    hint: Some(
+                        "a process in uninterruptible sleep (a hung mount?); the outputs were not stored".into(),
+                    ),
+                });
+            }
+        }
         if !status.success() {
             let how = match status.code() {
                 Some(code) => format!("exit status {code}"),

@@ -10,7 +10,6 @@
 //! kernel to kill it if `autoscale` dies.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -472,16 +471,16 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
         .stdout(Stdio::piped())
         .stderr(log)
         .env("CUDA_VISIBLE_DEVICES", &devices)
-        .env(PARENT_ENV, std::process::id().to_string())
-        // A group of its own, so stopping the stage stops everything it started.
-        .process_group(0);
+        .env(PARENT_ENV, std::process::id().to_string());
     for (k, v) in ctx.env {
         command.env(k, v);
     }
-    let mut child = command.spawn().map_err(|e| TrainError::Child {
-        message: format!("cannot start `{}`: {e}", exe.display()),
-        hint: Some("the train kind runs the autoscale binary itself; was it moved?".into()),
-    })?;
+    // A group of its own, so stopping the stage stops everything it started.
+    let (mut child, pgid) =
+        autoscale_engine::process::spawn_group(&mut command).map_err(|e| TrainError::Child {
+            message: format!("cannot start `{}`: {e}", exe.display()),
+            hint: Some("the train kind runs the autoscale binary itself; was it moved?".into()),
+        })?;
     let Some(stdout) = child.stdout.take() else {
         return Err(TrainError::Child {
             message: "no pipe to the training process".into(),
@@ -501,7 +500,6 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
             }
         }
     });
-    let pgid = rustix::process::Pid::from_raw(child.id() as i32);
     let mut done = None;
     let mut failure = None;
     let mut handle = |line: Line| match line {
@@ -530,15 +528,22 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
             }
         }
         if ctx.cancelled() {
-            if let Some(pgid) = pgid {
-                autoscale_engine::process::stop_group(pgid, &mut child, GRACE);
-            }
+            autoscale_engine::process::stop_group(pgid, &mut child, GRACE);
             return Err(TrainError::Cancelled);
         }
         if let Ok(Some(status)) = child.try_wait() {
             break status;
         }
     };
+    // Nothing the trainer started may write after its outputs are hashed.
+    if let Err(e) =
+        autoscale_engine::process::reap_group(pgid, autoscale_engine::process::GROUP_DEADLINE)
+    {
+        return Err(TrainError::Child {
+            message: e,
+            hint: Some("the outputs were not stored".into()),
+        });
+    }
     let _ = reader.join();
     while let Ok(line) = rx.try_recv() {
         handle(line);
