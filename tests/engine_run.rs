@@ -638,3 +638,38 @@ stages:
     let verify = ws.run(&["cache", "verify"]);
     assert_eq!(verify.status.code(), Some(0), "{}", stdout(&verify));
 }
+
+/// An input file edited while its stage runs: the result is not cached under the old content's
+/// key; the stage fails with the input named, and the next run computes it from the new content.
+#[test]
+fn an_input_edited_while_its_stage_runs_is_not_cached_under_the_old_key() {
+    let ws = Workspace::new();
+    let data = ws.path().join("data.txt");
+    std::fs::write(&data, "old\n").expect("data");
+    ws.write(
+        "p.yaml",
+        &format!(
+            r#"
+name: edit
+stages:
+  - id: use
+    kind: command
+    inputs: {{d: "file:data.txt"}}
+    cmd: "cat $AUTOSCALE_INPUT_D > $AUTOSCALE_OUT/first.txt; echo new > {data}; cat $AUTOSCALE_INPUT_D > $AUTOSCALE_OUT/second.txt"
+"#,
+            data = data.display()
+        ),
+    );
+    let out = ws.run(&["run", "p.yaml"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("changed while the stage ran"),
+        "{}",
+        stderr(&out)
+    );
+    let ls = stdout_of(&ws, &["--json", "cache", "ls"]);
+    assert!(!ls.contains("\"use\""), "nothing cached: {ls}");
+    let (code, events) = ws.run_json(&["p.yaml"]);
+    assert_eq!(code, 0);
+    assert_eq!(with_outcome(&events, "executed"), ["use"]);
+}

@@ -1,4 +1,8 @@
-//! Workspace file inputs, hashed once and memoized on path, size, mtime and inode.
+//! Workspace file inputs, hashed once and memoized on path, size, mtime, ctime and inode.
+//!
+//! A memo entry is trusted only when the file's mtime and ctime are older than the moment it
+//! was hashed (git's "racy clean" rule): a file written in the same clock tick as its hashing,
+//! or edited with its mtime put back (`touch -r`, which still moves the ctime), is hashed again.
 
 use std::collections::HashMap;
 use std::fs;
@@ -13,8 +17,23 @@ use serde::{Deserialize, Serialize};
 struct Stamp {
     size: u64,
     mtime_ns: i128,
+    #[serde(default)]
+    ctime_ns: i128,
     ino: u64,
+    /// Wall clock when the hashing started; 0 in memos written before it was recorded.
+    #[serde(default)]
+    hashed_ns: i128,
     digest: ArtifactDigest,
+}
+
+/// A stamp is racy when the file changed less than this before it was hashed: timestamps are
+/// coarser than the clock on some filesystems.
+const RACY_NS: i128 = 2_000_000_000;
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
 }
 
 /// Content digests of workspace files, remembered across runs in one small JSON file.
@@ -66,15 +85,19 @@ impl FileHasher {
     fn file_digest(&self, path: &Path, meta: &fs::Metadata) -> Result<ArtifactDigest, CacheError> {
         let abs = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        let ctime_ns = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
         let (size, ino) = (meta.len(), meta.ino());
         if let Ok(memo) = self.memo.lock()
             && let Some(s) = memo.0.get(&abs)
             && s.size == size
             && s.mtime_ns == mtime_ns
+            && s.ctime_ns == ctime_ns
             && s.ino == ino
+            && mtime_ns.max(ctime_ns) + RACY_NS < s.hashed_ns
         {
             return Ok(s.digest);
         }
+        let hashed_ns = now_ns();
         let digest = hash_file(path)?;
         if let Ok(mut memo) = self.memo.lock() {
             memo.0.insert(
@@ -82,7 +105,9 @@ impl FileHasher {
                 Stamp {
                     size,
                     mtime_ns,
+                    ctime_ns,
                     ino,
+                    hashed_ns,
                     digest,
                 },
             );
@@ -121,7 +146,18 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<
         let path = entry.path();
         if path.is_dir() {
             collect(root, &path, out)?;
-        } else if let Some(rel) = path.strip_prefix(root).ok().and_then(|p| p.to_str()) {
+        } else {
+            // A name that is not UTF-8 cannot enter the tree digest as it is; skipping it
+            // would let its changes go unseen, so it is refused.
+            let Some(rel) = path.strip_prefix(root).ok().and_then(|p| p.to_str()) else {
+                return Err(CacheError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "an input file's name is not valid UTF-8, so its changes could not be tracked; rename it",
+                    ),
+                });
+            };
             out.push((rel.to_string(), path.clone()));
         }
     }
@@ -141,6 +177,12 @@ mod tests {
         let hasher = FileHasher::open(memo.clone());
         let d1 = hasher.digest(&file).unwrap();
         hasher.save();
+        // Pretend the hashing happened well after the write, as it does on any later run.
+        for stamp in hasher.memo.lock().unwrap().0.values_mut() {
+            stamp.hashed_ns += 10 * RACY_NS;
+        }
+        hasher.memo.lock().unwrap().1 = true;
+        hasher.save();
         let reloaded = FileHasher::open(memo);
         assert_eq!(reloaded.digest(&file).unwrap(), d1);
         assert!(!reloaded.memo.lock().unwrap().1, "served from the memo");
@@ -149,5 +191,56 @@ mod tests {
         assert_ne!(reloaded.digest(&file).unwrap(), d1);
         let tree = reloaded.digest(dir.path()).unwrap();
         assert_ne!(tree, d1);
+    }
+
+    /// The repro: a same-size edit with the mtime put back (`touch -r`). The ctime moved,
+    /// so the file is hashed again.
+    #[test]
+    fn an_edit_with_its_mtime_restored_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("data.txt");
+        fs::write(&file, "aaaa").unwrap();
+        let hasher = FileHasher::open(dir.path().join("memo.json"));
+        let before = hasher.digest(&file).unwrap();
+        for stamp in hasher.memo.lock().unwrap().0.values_mut() {
+            stamp.hashed_ns += 10 * RACY_NS;
+        }
+        let mtime = fs::metadata(&file).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&file, "bbbb").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(fs::metadata(&file).unwrap().modified().unwrap(), mtime);
+        assert_ne!(hasher.digest(&file).unwrap(), before);
+    }
+
+    /// A file hashed in the same moment it was written is not trusted from the memo: a write
+    /// later in that clock tick would keep the same mtime.
+    #[test]
+    fn a_racy_stamp_is_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("data.txt");
+        fs::write(&file, "one").unwrap();
+        let hasher = FileHasher::open(dir.path().join("memo.json"));
+        hasher.digest(&file).unwrap();
+        hasher.memo.lock().unwrap().1 = false;
+        hasher.digest(&file).unwrap();
+        assert!(hasher.memo.lock().unwrap().1, "hashed again, not served");
+    }
+
+    #[test]
+    fn a_directory_input_with_a_non_utf8_name_is_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        fs::create_dir(&input).unwrap();
+        fs::write(input.join(std::ffi::OsStr::from_bytes(b"bad\xff")), "x").unwrap();
+        let hasher = FileHasher::open(dir.path().join("memo.json"));
+        let err = hasher.digest(&input).unwrap_err();
+        assert!(format!("{err:?}").contains("not valid UTF-8"), "{err:?}");
     }
 }

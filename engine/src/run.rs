@@ -1069,7 +1069,25 @@ impl Engine {
         let started_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let result = kind.run(&ctx);
+        let result = kind.run(&ctx).and_then(|r| {
+            // A workspace file edited while the stage ran: the result may hold either version,
+            // so it must not be cached under the key of the version hashed before.
+            for (name, input) in &stage.inputs {
+                if let InputRef::File(path) = input {
+                    let now = self.files.digest(path).ok();
+                    if now.as_ref() != record.inputs.get(name) {
+                        return Err(StageError::Failed {
+                            message: format!(
+                                "input `{name}` (`{}`) changed while the stage ran; its result was not cached",
+                                path.display()
+                            ),
+                            hint: Some("run again once the file has stopped changing".into()),
+                        });
+                    }
+                }
+            }
+            Ok(r)
+        });
         let log = std::fs::read(&log_path).unwrap_or_default();
         match result {
             Ok(result) => {
