@@ -673,3 +673,41 @@ stages:
     assert_eq!(code, 0);
     assert_eq!(with_outcome(&events, "executed"), ["use"]);
 }
+
+/// The repro: an output hardlinked to a file outside the cache. The outside file is
+/// neither made read-only nor taken in as the blob, so editing it later leaves the result alone.
+#[test]
+fn a_hardlinked_output_is_copied_not_adopted() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Workspace::new();
+    let outside = ws.path().join("outside.txt");
+    std::fs::write(&outside, "original\n").expect("outside");
+    ws.write(
+        "p.yaml",
+        &format!(
+            "name: link\nstages:\n  - id: l\n    kind: command\n    cmd: \"ln {o} $AUTOSCALE_OUT/h\"\n",
+            o = outside.display()
+        ),
+    );
+    let (code, _) = ws.run_json(&["p.yaml"]);
+    assert_eq!(code, 0);
+    let mode = std::fs::metadata(&outside)
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o200,
+        0o200,
+        "the outside file stays writable: {mode:o}"
+    );
+    std::fs::write(&outside, "edited!!\n").expect("edit");
+    let show: serde_json::Value =
+        serde_json::from_str(&stdout_of(&ws, &["--json", "show", "p.yaml", "l"])).expect("json");
+    let dir = std::path::PathBuf::from(show["dir"].as_str().expect("dir"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("h")).expect("h"),
+        "original\n"
+    );
+    let verify = ws.run(&["cache", "verify"]);
+    assert_eq!(verify.status.code(), Some(0), "{}", stdout(&verify));
+}

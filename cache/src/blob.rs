@@ -44,6 +44,17 @@ impl Cache {
     /// Moves a finished file into the store (a rename, no copy) and returns its digest. If the
     /// blob exists already the file is dropped: identical bytes are stored once.
     pub(crate) fn adopt_file(&self, path: &Path) -> Result<ArtifactDigest, CacheError> {
+        use std::os::unix::fs::MetadataExt;
+        // A file with other links (`ln /outside/file $AUTOSCALE_OUT/f`) is not ours to take
+        // over: renaming or chmodding it would make a file outside the cache a blob, and a
+        // later edit of that file would change the cached result under its digest. Its bytes
+        // are copied into a file of our own, which is then adopted.
+        if fs::symlink_metadata(path).map_err(io_err(path))?.nlink() > 1 {
+            let copy = self.tmp_file("adopt");
+            fs::copy(path, &copy).map_err(io_err(&copy))?;
+            fs::remove_file(path).map_err(io_err(path))?;
+            return self.adopt_file(&copy);
+        }
         let digest = hash_file(path)?;
         let target = self.blob_path(&digest);
         if target.exists() {
