@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use autoscale_engine::{InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind};
@@ -101,7 +101,7 @@ impl StageKind for CommandKind {
         let log_err = log
             .try_clone()
             .map_err(|e| io_failure("open the log", &ctx.log_path, e))?;
-        let mut command = Command::new("sh");
+        let mut command = autoscale_engine::process::group_command("sh");
         command
             // A guard shell runs `cmd` so that a killed engine takes all of it down (see
             // `autoscale_engine::process`).

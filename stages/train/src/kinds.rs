@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -462,7 +462,7 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
         .as_ref()
         .map(|d| d.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
         .unwrap_or_default();
-    let mut command = Command::new(exe);
+    let mut command = autoscale_engine::process::group_command(exe);
     command
         .arg(CHILD_SUBCOMMAND)
         .arg(&job_path)
