@@ -114,6 +114,15 @@ fn missing_required_param() {
 }
 
 #[test]
+fn retries_are_bounded() {
+    assert_bad(
+        "too_many_retries",
+        "name: p\nstages:\n  - id: a\n    kind: command\n    cmd: \"true\"\n    retries: 4294967295\n",
+        &[],
+    );
+}
+
+#[test]
 fn a_good_pipeline_is_not_an_error() {
     let (code, text) = check(
         "name: p\nstages:\n  - id: a\n    kind: command\n    cmd: \"true\"\n",

@@ -66,6 +66,9 @@ pub struct FanoutChild {
     pub params: Map<String, Value>,
 }
 
+/// The most `retries:` a stage may ask for.
+pub const MAX_RETRIES: u32 = 100;
+
 /// The file a stage writes to fan out the stages that name it in `fanout:`.
 pub const FANOUT_FILE: &str = "fanout.json";
 
@@ -703,6 +706,22 @@ impl Loader<'_> {
             return Vec::new();
         };
         let stage_loc = self.loc(&rs.id.referenced);
+        if let Some(r) = &rs.retries
+            && r.value > MAX_RETRIES
+        {
+            self.err(
+                ConfigError::new(
+                    format!(
+                        "stage `{}`: `retries: {}` is more than the {MAX_RETRIES} allowed",
+                        rs.id.value, r.value
+                    ),
+                    Some(self.loc(&r.referenced)),
+                )
+                .hint(
+                    "a stage that fails that often needs a fix, not more attempts; use at most 100",
+                ),
+            );
+        }
         let mut out = Vec::new();
         for combo in combos {
             let id = if fanned {
