@@ -37,9 +37,9 @@ impl GpuSpec {
         match self {
             GpuSpec::None => Vec::new(),
             GpuSpec::List(ids) => {
-                let mut ids = ids.clone();
-                ids.dedup();
-                ids
+                // `0,1,0` is devices 0 and 1: a repeated id anywhere would book a device twice.
+                let mut seen = std::collections::HashSet::new();
+                ids.iter().copied().filter(|id| seen.insert(*id)).collect()
             }
             GpuSpec::Auto => match std::env::var("CUDA_VISIBLE_DEVICES") {
                 Ok(v) => parse_visible(&v),
@@ -93,5 +93,11 @@ mod tests {
         assert_eq!(parse_visible("2,3"), vec![2, 3]);
         assert_eq!(parse_visible("GPU-abc,GPU-def"), vec![0, 1]);
         assert_eq!(parse_visible(""), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn a_repeated_device_is_booked_once() {
+        let spec = GpuSpec::parse("0,1,0").unwrap();
+        assert_eq!(spec.resolve(), vec![0, 1]);
     }
 }
