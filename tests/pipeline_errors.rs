@@ -123,6 +123,15 @@ fn retries_are_bounded() {
 }
 
 #[test]
+fn a_root_that_is_not_a_directory_is_bad_input() {
+    assert_bad(
+        "root_nowhere",
+        "name: p\nroot: no/such/dir\nstages:\n  - id: a\n    kind: command\n    cmd: \"true\"\n",
+        &[],
+    );
+}
+
+#[test]
 fn a_good_pipeline_is_not_an_error() {
     let (code, text) = check(
         "name: p\nstages:\n  - id: a\n    kind: command\n    cmd: \"true\"\n",

@@ -313,6 +313,23 @@ impl Loader<'_> {
         } else {
             root
         };
+        if let Some(r) = &raw.root
+            && !root.is_dir()
+        {
+            self.err(
+                ConfigError::new(
+                    format!(
+                        "`root: {}` is not a directory (`{}`)",
+                        r.value,
+                        std::path::absolute(&root)
+                            .unwrap_or_else(|_| root.clone())
+                            .display()
+                    ),
+                    Some(self.loc(&r.referenced)),
+                )
+                .hint("`root` is the workspace folder, relative to the pipeline file's folder"),
+            );
+        }
         let mut params = self.declare_params(&raw.params);
         let stage_ids: Vec<&str> = raw.stages.iter().map(|s| s.id.value.as_str()).collect();
         let mut stage_overrides = StageOverrides::new();
