@@ -184,6 +184,13 @@ stages:
     );
 }
 
+/// The folder of a cached stage's outputs, from `show --json`.
+fn output_dir(ws: &Workspace, pipeline: &str, stage: &str) -> std::path::PathBuf {
+    let show: serde_json::Value =
+        serde_json::from_str(&stdout_of(ws, &["--json", "show", pipeline, stage])).expect("json");
+    std::path::PathBuf::from(show["dir"].as_str().expect("dir"))
+}
+
 fn stdout_of(ws: &Workspace, args: &[&str]) -> String {
     stdout(&ws.run(args))
 }
@@ -588,9 +595,7 @@ stages:
     assert_eq!(with_outcome(&events, "executed"), ["slow"]);
     // Past the moment the killed attempt's processes would have written.
     std::thread::sleep(Duration::from_millis(2500));
-    let show: serde_json::Value =
-        serde_json::from_str(&stdout_of(&ws, &["--json", "show", "p.yaml", "slow"])).expect("json");
-    let dir = std::path::PathBuf::from(show["dir"].as_str().expect("dir"));
+    let dir = output_dir(&ws, "p.yaml", "slow");
     assert_eq!(
         std::fs::read_to_string(dir.join("v.txt")).expect("v.txt"),
         "part1\npart2\n"
@@ -627,10 +632,7 @@ stages:
     assert_eq!(code, 0);
     assert_eq!(with_outcome(&events, "executed"), ["reader", "writer"]);
     std::thread::sleep(Duration::from_millis(1500));
-    let show: serde_json::Value =
-        serde_json::from_str(&stdout_of(&ws, &["--json", "show", "p.yaml", "reader"]))
-            .expect("json");
-    let dir = std::path::PathBuf::from(show["dir"].as_str().expect("dir"));
+    let dir = output_dir(&ws, "p.yaml", "reader");
     assert_eq!(
         std::fs::read_to_string(dir.join("copy.txt")).expect("copy"),
         "good\n"
@@ -701,9 +703,7 @@ fn a_hardlinked_output_is_copied_not_adopted() {
         "the outside file stays writable: {mode:o}"
     );
     std::fs::write(&outside, "edited!!\n").expect("edit");
-    let show: serde_json::Value =
-        serde_json::from_str(&stdout_of(&ws, &["--json", "show", "p.yaml", "l"])).expect("json");
-    let dir = std::path::PathBuf::from(show["dir"].as_str().expect("dir"));
+    let dir = output_dir(&ws, "p.yaml", "l");
     assert_eq!(
         std::fs::read_to_string(dir.join("h")).expect("h"),
         "original\n"

@@ -168,6 +168,13 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<
 mod tests {
     use super::*;
 
+    /// Pretends every hashing happened well after the write, as it does on any later run.
+    fn age_memo(hasher: &FileHasher) {
+        for stamp in hasher.memo.lock().unwrap().0.values_mut() {
+            stamp.hashed_ns += 10 * RACY_NS;
+        }
+    }
+
     #[test]
     fn memo_survives_a_reload_and_sees_a_change() {
         let dir = tempfile::tempdir().unwrap();
@@ -177,10 +184,7 @@ mod tests {
         let hasher = FileHasher::open(memo.clone());
         let d1 = hasher.digest(&file).unwrap();
         hasher.save();
-        // Pretend the hashing happened well after the write, as it does on any later run.
-        for stamp in hasher.memo.lock().unwrap().0.values_mut() {
-            stamp.hashed_ns += 10 * RACY_NS;
-        }
+        age_memo(&hasher);
         hasher.memo.lock().unwrap().1 = true;
         hasher.save();
         let reloaded = FileHasher::open(memo);
@@ -202,9 +206,7 @@ mod tests {
         fs::write(&file, "aaaa").unwrap();
         let hasher = FileHasher::open(dir.path().join("memo.json"));
         let before = hasher.digest(&file).unwrap();
-        for stamp in hasher.memo.lock().unwrap().0.values_mut() {
-            stamp.hashed_ns += 10 * RACY_NS;
-        }
+        age_memo(&hasher);
         let mtime = fs::metadata(&file).unwrap().modified().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(&file, "bbbb").unwrap();

@@ -142,7 +142,9 @@ pub fn spawn_group(command: &mut Command) -> io::Result<(Child, Pid)> {
                 rustix::process::set_parent_process_death_signal(Some(Signal::HUP))?;
                 // The engine may have died between fork and the call above.
                 if rustix::process::getppid() != Some(parent) {
-                    return Err(io::Error::from_raw_os_error(libc_esrch()));
+                    return Err(io::Error::from_raw_os_error(
+                        rustix::io::Errno::SRCH.raw_os_error(),
+                    ));
                 }
                 Ok(())
             });
@@ -152,10 +154,6 @@ pub fn spawn_group(command: &mut Command) -> io::Result<(Child, Pid)> {
     let pgid = Pid::from_raw(child.id() as i32)
         .ok_or_else(|| io::Error::other("the child has no process id"))?;
     Ok((child, pgid))
-}
-
-fn libc_esrch() -> i32 {
-    rustix::io::Errno::SRCH.raw_os_error()
 }
 
 /// `sh -c` arguments that run `cmd` as a background job of a guard shell: when the engine dies
@@ -170,6 +168,14 @@ const GUARD: &str = "trap 'kill -KILL 0' HUP\nsh -c \"$1\" &\nwait $!";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn read_pid(path: &Path) -> i32 {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
 
     fn alive(pid: i32) -> bool {
         Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
@@ -194,11 +200,7 @@ mod tests {
         .unwrap();
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(3));
-        let bg: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let bg = read_pid(&pidfile);
         assert!(alive(bg), "the background job runs on after the command");
         assert_eq!(reap_group(pgid, GROUP_DEADLINE), Ok(Leftovers::Killed));
         assert!(!alive(bg), "reap_group left {bg} running");
@@ -227,20 +229,12 @@ mod tests {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            let bg: i32 = std::fs::read_to_string(&pidfile)
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
+            let bg = read_pid(&pidfile);
             assert!(alive(bg), "the job runs while its guard's parent lives");
             pidfile
         });
         let pidfile = handle.join().unwrap();
-        let bg: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let bg = read_pid(&pidfile);
         // With the test process as subreaper (the other test) the killed job may linger as a
         // zombie of ours; `alive` counts a zombie as dead.
         let until = Instant::now() + Duration::from_secs(10);
