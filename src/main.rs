@@ -4,9 +4,7 @@
 mod cli;
 mod mix;
 mod render;
-// --- torch (issue 4): train/eval kinds, `doctor`, `internal-train` ---
-mod torch;
-// --- end torch ---
+mod trainer;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,7 +64,7 @@ struct CacheArgs {
 }
 
 fn open_engine(args: &CacheArgs) -> Result<Engine, Failure> {
-    open_engine_at(args, None, torch::stage_kinds())
+    open_engine_at(args, None, trainer::stage_kinds())
 }
 
 /// Opens the cache, with the remote cache that the flags, the environment, `./autoscale.toml`
@@ -129,7 +127,7 @@ fn remote_failure(e: RemoteError) -> Failure {
 
 /// Loads the pipeline, then opens the engine: the pipeline's root may hold `autoscale.toml`.
 fn open_with_pipeline(args: &CacheArgs, p: &PipelineArgs) -> Result<(Engine, Pipeline), Failure> {
-    let kinds = torch::stage_kinds();
+    let kinds = trainer::stage_kinds();
     let pipeline = Pipeline::load(&p.file, &overrides(p), &kinds).map_err(Failure::Config)?;
     let engine = open_engine_at(args, Some(&pipeline.root), kinds)?;
     Ok((engine, pipeline))
@@ -161,6 +159,7 @@ fn dispatch_command(
     match command {
         Command::Run(args) => {
             let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
+            let pipeline = pipeline.select(&args.targets).map_err(Failure::engine)?;
             if args.dry_run {
                 let status = engine.status(&pipeline).map_err(Failure::engine)?;
                 render::print_status(&pipeline, &status, json);
@@ -216,7 +215,8 @@ fn dispatch_command(
             })
         }
         Command::Status(args) => {
-            let (engine, pipeline) = open_with_pipeline(cache_args, &args)?;
+            let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
+            let pipeline = pipeline.select(&args.targets).map_err(Failure::engine)?;
             let status = engine.status(&pipeline);
             render::print_remote_warnings(&engine.cache().take_remote_warnings());
             let status = status.map_err(Failure::engine)?;
@@ -317,10 +317,7 @@ fn dispatch_command(
         }
         Command::Cache(cmd) => cache_command(cmd, cache_args, json),
         Command::Mix(args) => mix::run(args, json),
-        // --- torch (issue 4) ---
-        Command::Doctor => torch::doctor(json),
-        Command::InternalTrain(args) => torch::internal_train(&args.job),
-        // --- end torch ---
+        Command::Doctor => trainer::doctor(json),
     }
 }
 
@@ -392,7 +389,7 @@ fn engine_for_pipelines(
     files: &[PathBuf],
     cache_args: &CacheArgs,
 ) -> Result<(Engine, Option<Vec<ActionKey>>), Failure> {
-    let kinds = torch::stage_kinds();
+    let kinds = trainer::stage_kinds();
     let mut pipelines = Vec::new();
     for file in files {
         pipelines

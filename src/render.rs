@@ -54,6 +54,16 @@ impl Failure {
         }
     }
 
+    /// Something here is broken (not the user's input): exit 1, with a hint.
+    pub fn broken(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Failure::Runtime {
+            message: message.into(),
+            causes: Vec::new(),
+            hint: Some(hint.into()),
+            code: exit::STAGE_FAILED,
+        }
+    }
+
     pub fn runtime(e: impl std::error::Error) -> Self {
         let mut causes = Vec::new();
         let mut source = e.source();

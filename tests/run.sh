@@ -29,23 +29,24 @@ export AUTOSCALE_REQUIRE_S3_TESTS=1
 # tokenizer.json from Python (tests/python/test_data.py); in CI those checks must run, not skip.
 .venv/bin/pip install --quiet --disable-pip-version-check 'pyarrow>=14' 'tokenizers>=0.20' 'datasets>=2.19' 'pytest>=7'
 export AUTOSCALE_REQUIRE_DATA_PYTHON=1
-# torch, pinned to the libtorch tch 0.26 expects: the `train`/`eval` kinds link it (feature
-# `torch`) and the demo pipelines train on it; transformers: a test loads our Hugging Face export
-# in it. In CI those checks must run, not skip.
+# torch, pinned to the libtorch tch 0.26 expects: the trainer binary `autoscale-train`
+# (stages/trainer) links it and the demo pipelines train on it; transformers: a test loads our
+# Hugging Face export in it. In CI those checks must run, not skip.
 .venv/bin/pip install --quiet --disable-pip-version-check 'torch==2.13.0' 'transformers>=4.40'
 export AUTOSCALE_REQUIRE_TRANSFORMERS=1
-# torch-sys finds libtorch in the venv's torch wheel; the binary gets an rpath to it (build.rs).
+export AUTOSCALE_REQUIRE_TRAINER=1
+# torch-sys finds libtorch in the venv's torch wheel; the trainer gets an rpath to it (its build.rs).
 torch_cargo() { PATH="$PWD/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1 cargo "$@"; }
 
-echo "== formatting and lints (without and with libtorch)"
+echo "== formatting and lints (the default members without libtorch, then the whole workspace)"
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-torch_cargo clippy --workspace --all-targets --locked --features torch -- -D warnings
+cargo clippy --all-targets --locked -- -D warnings
+torch_cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== Python tools"
 python3 examples/proxy/ngram_proxy.py --self-test
 
-# One build of the tests, with libtorch: every test of the default build runs in it too (the
-# `torch` feature only adds); clippy above checks that the default build compiles.
-echo "== Rust tests (feature torch)"
-torch_cargo test --workspace --locked --features torch
+# One build of the tests, the whole workspace: the trainer binary lands next to `autoscale`,
+# where the train tests find it; clippy above checks that the default members build alone.
+echo "== Rust tests (the whole workspace, with the trainer)"
+torch_cargo test --workspace --locked

@@ -1,8 +1,8 @@
-//! The `train` and `eval` kinds through the binary (feature `torch`): the binary finds libtorch
-//! without `LD_LIBRARY_PATH` and links `libtorch_cuda` when it exists; a training killed with
-//! `autoscale` resumes from its checkpoint on the rerun; `eval` scores domains held out of
-//! training. The trainings themselves are tested in `stages/train/tests/training.rs`.
-#![cfg(feature = "torch")]
+//! The `train` and `eval` kinds through the binaries: `autoscale` starts the `autoscale-train`
+//! worker, which finds libtorch without `LD_LIBRARY_PATH` and links `libtorch_cuda` when it
+//! exists; a training killed with `autoscale` resumes from its checkpoint on the rerun; `eval`
+//! scores domains held out of training; a worker built from other code is refused. The trainings
+//! themselves are tested in `stages/trainer/tests/training.rs`.
 
 mod common;
 
@@ -14,6 +14,9 @@ use serde_json::Value;
 
 #[test]
 fn doctor_finds_libtorch_without_ld_library_path() {
+    let Some(trainer) = common::trainer() else {
+        return;
+    };
     let ws = Workspace::new();
     let out = ws
         .cmd(&["--json", "doctor"])
@@ -24,6 +27,8 @@ fn doctor_finds_libtorch_without_ld_library_path() {
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     let version = info["version"].as_str().unwrap_or_default();
     assert!(version.starts_with("2.13.0"), "{info}");
+    assert_eq!(info["trainer"].as_str(), Some(trainer.to_str().unwrap()));
+    assert_eq!(info["identity"], info["expected_identity"], "{info}");
     let lib = PathBuf::from(info["library_dir"].as_str().unwrap());
     assert!(lib.join("libtorch_cpu.so").is_file(), "{info}");
     // A CUDA libtorch must really be loaded, not dropped by the linker's --as-needed.
@@ -73,7 +78,7 @@ stages:
     params: {domains: [latex, wikipedia], eval_tokens: 1024, threads: 1}
 "#;
 
-/// Training processes (`autoscale internal-train`) whose job lies under `dir`.
+/// Training processes (`autoscale-train job`) whose job lies under `dir`.
 fn trainings_under(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("test setup").flatten() {
@@ -81,7 +86,7 @@ fn trainings_under(dir: &Path) -> Vec<String> {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("internal-train") && cmdline.contains(&*dir.to_string_lossy()) {
+        if cmdline.contains("autoscale-train") && cmdline.contains(&*dir.to_string_lossy()) {
             found.push(cmdline);
         }
     }
@@ -99,6 +104,9 @@ fn checkpoint_in(cache: &Path) -> Option<PathBuf> {
 
 #[test]
 fn a_killed_training_resumes_from_its_checkpoint_and_eval_scores_held_out_domains() {
+    if common::trainer().is_none() {
+        return;
+    }
     let ws = Workspace::new();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     copy_dir(
@@ -203,6 +211,9 @@ fn bad_train_params_are_config_errors_with_hints() {
 /// IPC) -> `train` and `eval`, with the shards' vocabulary, held-out sets and byte counts.
 #[test]
 fn train_reads_the_shard_stage_output() {
+    if common::trainer().is_none() {
+        return;
+    }
     let ws = Workspace::new();
     let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/corpus");
     copy_dir(&fixture, &ws.path().join("corpus"));
@@ -269,5 +280,81 @@ stages:
     assert!(
         held["domains"]["latex"]["loss"].as_f64().unwrap() < uniform,
         "{held}"
+    );
+}
+
+/// Without a trainer, a train pipeline still plans (its key names the trainer's identity,
+/// compiled into `autoscale`), and running it fails the stage with the build command.
+#[test]
+fn without_a_trainer_train_stages_plan_and_fail_with_the_build_hint() {
+    let ws = Workspace::new();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    copy_dir(
+        &repo.join("tests/fixtures/corpus"),
+        &ws.path().join("corpus"),
+    );
+    let pipeline = ws.write("train.yaml", PIPELINE);
+    let p = pipeline.to_str().unwrap();
+    let missing = ws.path().join("nowhere/autoscale-train");
+    let out = ws
+        .cmd(&["--json", "status", p])
+        .env("AUTOSCALE_TRAINER", &missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = ws
+        .cmd(&["--json", "explain", p, "train"])
+        .env("AUTOSCALE_TRAINER", &missing)
+        .output()
+        .unwrap();
+    let explained = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        explained.contains("\"implementation\":\"trainer "),
+        "{explained}"
+    );
+    let out = ws
+        .cmd(&["--json", "run", p])
+        .env("AUTOSCALE_TRAINER", &missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(text.contains("cannot start"), "{text}");
+    assert!(
+        text.contains("LIBTORCH_USE_PYTORCH=1 cargo build"),
+        "{text}"
+    );
+}
+
+/// A trainer asked to run for an `autoscale` that keys on another identity refuses, naming
+/// both, before it reads the job.
+#[test]
+fn a_trainer_built_from_other_code_refuses_the_job() {
+    let Some(trainer) = common::trainer() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let job = ws.write("job.json", "{}");
+    let out = std::process::Command::new(&trainer)
+        .args(["job", job.to_str().unwrap(), "--identity"])
+        .arg("trainer 0000000000000000 libtorch 2.13.0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let message = said["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("trainer 0000000000000000"), "{said}");
+    let mine = std::process::Command::new(&trainer)
+        .arg("identity")
+        .output()
+        .unwrap();
+    let mine = String::from_utf8_lossy(&mine.stdout);
+    assert!(message.contains(mine.trim()), "{said}");
+    assert!(
+        said["error"]["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cargo build"),
+        "{said}"
     );
 }

@@ -16,6 +16,9 @@ pub struct KeyRecord {
     pub schema: u32,
     pub kind: String,
     pub kind_version: u32,
+    /// [`crate::StageKind::implementation`]; absent for kinds wholly inside this binary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implementation: Option<String>,
     pub params: Value,
     pub env: BTreeMap<String, String>,
     /// Input name to the content digest of what it points at (not the upstream's key, so an
@@ -50,6 +53,15 @@ impl KeyRecord {
             reasons.push(format!(
                 "`{}` implementation version changed {} -> {}",
                 self.kind, old.kind_version, self.kind_version
+            ));
+        }
+        if old.kind == self.kind && old.implementation != self.implementation {
+            let show = |i: &Option<String>| i.clone().unwrap_or_else(|| "none".into());
+            reasons.push(format!(
+                "`{}` implementation changed: {} -> {}",
+                self.kind,
+                show(&old.implementation),
+                show(&self.implementation)
             ));
         }
         let mut old_leaves = BTreeMap::new();
@@ -191,6 +203,7 @@ mod tests {
             schema: CACHE_SCHEMA,
             kind: "command".into(),
             kind_version: 1,
+            implementation: None,
             params,
             env: BTreeMap::new(),
             inputs: BTreeMap::new(),
@@ -226,6 +239,26 @@ mod tests {
             vec![
                 "param lr changed 0.0003 -> 0.0006",
                 "input `shards` changed"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_implementation_identity_is_keyed_and_explained_and_absent_ones_keep_old_keys() {
+        let plain = record(json!({"lr": 1}));
+        // Kinds without one keep the key they had before the field existed.
+        let value = plain.to_value();
+        assert!(value.get("implementation").is_none(), "{value}");
+        let mut a = plain.clone();
+        a.implementation = Some("trainer 1111 libtorch 2.13.0".into());
+        let mut b = plain.clone();
+        b.implementation = Some("trainer 2222 libtorch 2.13.0".into());
+        assert_ne!(a.key(), plain.key());
+        assert_ne!(a.key(), b.key());
+        assert_eq!(
+            b.changes_since(&a),
+            vec![
+                "`command` implementation changed: trainer 1111 libtorch 2.13.0 -> trainer 2222 libtorch 2.13.0"
             ]
         );
     }

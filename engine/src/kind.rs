@@ -164,6 +164,12 @@ pub trait StageKind: Send + Sync {
     fn name(&self) -> &'static str;
     /// Bumped whenever the kind's outputs for the same inputs change; part of every key.
     fn version(&self) -> u32;
+    /// The identity of code outside this binary that makes the kind's results (the `train`
+    /// kind's trainer binary and the libtorch it links), known without starting that code; part
+    /// of every key when set, so a result is never served for a different implementation.
+    fn implementation(&self) -> Option<&str> {
+        None
+    }
     fn summary(&self) -> &'static str;
     /// The params it takes.
     fn params(&self) -> &[ParamSpec];

@@ -266,6 +266,7 @@ impl Engine {
             schema: CACHE_SCHEMA,
             kind: stage.kind.clone(),
             kind_version: kind.version(),
+            implementation: kind.implementation().map(str::to_string),
             params: Value::Object(stage.params.clone()),
             env: stage.env.clone(),
             inputs,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks of the libtorch trainer, for a machine with NVIDIA GPUs (not run in CI):
-#   1. the binary really links libtorch_cuda and sees the devices (`autoscale doctor`);
+#   1. the trainer really links libtorch_cuda and sees the devices (`autoscale doctor`);
 #   2. training tokens/s and model FLOPs utilisation (MFU) for gpt2 and gpt2-large in bf16;
 #   3. CUDA_VISIBLE_DEVICES pinning with several trainings at once: every training sees only
 #      its own device, and no device runs two trainings at the same time.
@@ -9,7 +9,7 @@
 #   PEAK_TFLOPS   dense bf16 peak of one GPU for MFU [default: from nvidia-smi's name:
 #                 H100/H200 989, A100 312, L40S 362, else required]
 #   PYTHON        a Python with torch==2.13.0 (CUDA wheel) [default: .venv/bin/python, python3]
-#   AUTOSCALE     a binary built with --features torch [default: builds target/release/autoscale]
+#   AUTOSCALE     autoscale, with autoscale-train next to it [default: builds both in target/release]
 # --quick: fewer steps (about 3 minutes on an H200 once built).
 # Writes examples/bench/gpu_check_results.json; exits 1 when a check fails.
 set -euo pipefail
@@ -31,7 +31,7 @@ fi
 PYDIR=$(dirname "$(command -v "$PYTHON")")
 
 if [ -z "${AUTOSCALE:-}" ]; then
-  PATH="$PYDIR:$PATH" LIBTORCH_USE_PYTORCH=1 cargo build --release --features torch
+  PATH="$PYDIR:$PATH" LIBTORCH_USE_PYTORCH=1 cargo build --release --workspace
   AUTOSCALE=target/release/autoscale
 fi
 
@@ -93,7 +93,7 @@ for model, batch, accum in (("gpt2", 32, 1), ("gpt2-large", 16, 2)):
     path = os.path.join(run, "job.json")
     json.dump(job, open(path, "w"))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="0")
-    p = subprocess.run([autoscale, "internal-train", path], capture_output=True, text=True, env=env)
+    p = subprocess.run([os.path.join(os.path.dirname(autoscale), "autoscale-train"), "job", path], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"FAIL: {model} training failed:\n{p.stderr[-3000:]}")
     tps = [m["progress"]["tokens_per_s"] for m in map(json.loads, p.stdout.splitlines())

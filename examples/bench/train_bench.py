@@ -10,10 +10,10 @@ the median time of the steps after the first `--warmup` (the median, because a s
 other work lands on a few steps); the two sides alternate `--repeats` times and each keeps its
 best.
 
-    PATH=$PWD/.venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 cargo build --release --features torch
-    .venv/bin/python examples/bench/train_bench.py --autoscale target/release/autoscale
+    PATH=$PWD/.venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 cargo build --release --workspace
+    .venv/bin/python examples/bench/train_bench.py --autoscale target/release/autoscale-train
 
-The autoscale side runs `autoscale internal-train JOB.json`, the child process the `train` stage
+The autoscale side runs `autoscale-train job JOB.json`, the child process the `train` stage
 kind starts, and reads its per-step progress lines. Results go to
 examples/bench/train_bench_results.json (and a markdown table on stdout).
 """
@@ -159,9 +159,9 @@ def bench_autoscale(binary, model_name, seq, batch, steps, warmup, threads):
             json.dump(job, f)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
         env.pop("LD_LIBRARY_PATH", None)
-        proc = subprocess.run([binary, "internal-train", path], capture_output=True, text=True, env=env)
+        proc = subprocess.run([binary, "job", path], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            sys.exit(f"autoscale internal-train failed:\n{proc.stderr[-3000:]}")
+            sys.exit(f"autoscale-train job failed:\n{proc.stderr[-3000:]}")
         steps_s = []
         for line in proc.stdout.splitlines():
             msg = json.loads(line)
@@ -173,7 +173,7 @@ def bench_autoscale(binary, model_name, seq, batch, steps, warmup, threads):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--autoscale", default=os.path.join(ROOT, "target", "release", "autoscale"))
+    ap.add_argument("--autoscale", default=os.path.join(ROOT, "target", "release", "autoscale-train"))
     ap.add_argument("--models", default="gpt2-tiny,gpt2")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", default="gpt2-tiny=16,gpt2=4", help="batch per model: name=n,...")

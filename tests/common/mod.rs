@@ -7,6 +7,26 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+/// The trainer binary next to `autoscale`: `cargo test --workspace` builds it, with libtorch
+/// (LIBTORCH_USE_PYTORCH=1, as tests/run.sh does). Without it, tests that train say so and
+/// return, unless AUTOSCALE_REQUIRE_TRAINER=1 (tests/run.sh, CI), which fails them.
+pub fn trainer() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_BIN_EXE_autoscale")).with_file_name("autoscale-train");
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("AUTOSCALE_REQUIRE_TRAINER").is_none(),
+        "AUTOSCALE_REQUIRE_TRAINER is set but `{}` was not built: run `cargo test --workspace` with LIBTORCH_USE_PYTORCH=1",
+        path.display()
+    );
+    eprintln!(
+        "skipped: no trainer at {} (build with `cargo test --workspace`, LIBTORCH_USE_PYTORCH=1)",
+        path.display()
+    );
+    None
+}
+
 pub struct Workspace {
     pub dir: tempfile::TempDir,
 }
@@ -41,6 +61,7 @@ impl Workspace {
         cmd.args(args)
             .current_dir(self.path())
             .env("AUTOSCALE_CACHE_DIR", self.cache())
+            .env_remove("AUTOSCALE_TRAINER")
             .env_remove("CUDA_VISIBLE_DEVICES");
         cmd
     }

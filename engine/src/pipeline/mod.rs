@@ -194,6 +194,65 @@ impl Pipeline {
         did_you_mean(id, self.stages.iter().map(|s| s.id.as_str()))
     }
 
+    /// Only the `targets` and every stage they need, transitively: `autoscale run FILE shard`.
+    /// A fanned-out stage's id (its template) names all of its children. An unknown target is
+    /// an [`EngineError::UnknownStage`](crate::EngineError::UnknownStage) with a "did you mean".
+    pub fn select(&self, targets: &[String]) -> Result<Pipeline, crate::EngineError> {
+        if targets.is_empty() {
+            return Ok(self.clone());
+        }
+        let mut wanted = vec![false; self.stages.len()];
+        let mut todo = Vec::new();
+        for target in targets {
+            let found: Vec<usize> = match (self.position(target), self.groups.get(target)) {
+                (Some(i), _) => vec![i],
+                (None, Some(members)) => members.clone(),
+                (None, None) => {
+                    let known = self
+                        .stages
+                        .iter()
+                        .map(|s| s.id.as_str())
+                        .chain(self.groups.keys().map(String::as_str));
+                    let hint = did_you_mean(target, known).or_else(|| {
+                        let templates: Vec<&str> = self.templates();
+                        Some(known_list("stages", templates))
+                    });
+                    return Err(crate::EngineError::UnknownStage {
+                        id: target.clone(),
+                        hint,
+                    });
+                }
+            };
+            todo.extend(found);
+        }
+        while let Some(i) = todo.pop() {
+            if std::mem::replace(&mut wanted[i], true) {
+                continue;
+            }
+            todo.extend(self.dependencies(i));
+        }
+        let mut selected = self.clone();
+        selected.stages = self
+            .stages
+            .iter()
+            .zip(&wanted)
+            .filter(|(_, w)| **w)
+            .map(|(s, _)| s.clone())
+            .collect();
+        selected.reindex();
+        Ok(selected)
+    }
+
+    /// The stage ids as written: each fan-out once, by its template id.
+    fn templates(&self) -> Vec<&str> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.stages
+            .iter()
+            .map(|s| s.group.as_deref().unwrap_or(&s.id))
+            .filter(|t| seen.insert(*t))
+            .collect()
+    }
+
     /// Run-time fan-out placeholders not yet expanded, with the stage they wait on.
     pub fn fanout_placeholders(&self) -> Vec<(usize, usize)> {
         self.stages

@@ -134,10 +134,3 @@ impl From<TrainError> for StageError {
         }
     }
 }
-
-#[cfg(feature = "torch")]
-impl From<tch::TchError> for TrainError {
-    fn from(e: tch::TchError) -> Self {
-        TrainError::torch(e.to_string())
-    }
-}

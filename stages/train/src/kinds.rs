@@ -1,7 +1,8 @@
 //! The `train` and `eval` stage kinds. They resolve a job from the stage's params and inputs and
-//! run it in a child process of the `autoscale` binary (`autoscale internal-train JOB.json`):
-//! a CUDA context cannot be re-pinned inside a process, so each training gets a process of its
-//! own with `CUDA_VISIBLE_DEVICES` set to the devices the engine assigned.
+//! run it in the trainer binary (`autoscale-train job JOB.json`), the one program that links
+//! libtorch: `autoscale` itself never loads it. A CUDA context cannot be re-pinned inside a
+//! process either, so each training gets a process of its own with `CUDA_VISIBLE_DEVICES` set to
+//! the devices the engine assigned.
 //!
 //! The child writes one JSON message per line on its stdout (`{"progress": {...}}`, then
 //! `{"done": {...}}` or `{"error": {"message": ..., "hint": ...}}`), which the kind turns into
@@ -22,19 +23,18 @@ use serde_json::{Map, Value};
 use crate::error::TrainError;
 use crate::spec::{self, DeviceRequest, Job};
 
-/// The hidden subcommand of the `autoscale` binary that runs a job.
-pub const CHILD_SUBCOMMAND: &str = "internal-train";
+/// The trainer binary's subcommand that runs a job: `autoscale-train job JOB.json --identity ID`.
+pub const CHILD_SUBCOMMAND: &str = "job";
 /// Set for the child: the pid it must die with.
 pub const PARENT_ENV: &str = "AUTOSCALE_TRAIN_PARENT";
 
-/// How a kind runs its job.
+/// How a kind runs its job: `worker job JOB.json --identity ID`, in its own process group,
+/// pinned to the stage's devices. Without a worker the kinds still check params and plan (so
+/// `status`, `dag` and remote hits work on a machine with no trainer); running one fails with
+/// the build command as the hint.
 #[derive(Debug, Clone)]
-pub enum Launcher {
-    /// `exe internal-train JOB.json`, in its own process group, pinned to the stage's devices.
-    Subprocess { exe: PathBuf },
-    /// In this process, without device pinning: for tests of the kinds themselves.
-    #[cfg(feature = "torch")]
-    InProcess,
+pub struct Launcher {
+    pub worker: Option<PathBuf>,
 }
 
 /// One line of the child's stdout.
@@ -321,6 +321,10 @@ impl StageKind for TrainKind {
         1
     }
 
+    fn implementation(&self) -> Option<&str> {
+        Some(crate::TRAINER_IDENTITY)
+    }
+
     fn summary(&self) -> &'static str {
         "trains GPT-2/BERT (libtorch) on a domain mixture; writes eval.json and a Hugging Face model/ (inputs: data, optional weights)"
     }
@@ -377,6 +381,10 @@ impl StageKind for EvalKind {
         1
     }
 
+    fn implementation(&self) -> Option<&str> {
+        Some(crate::TRAINER_IDENTITY)
+    }
+
     fn summary(&self) -> &'static str {
         "scores a trained model (input `model`: a train stage) on held-out domains (input `data`); writes eval.json"
     }
@@ -421,25 +429,28 @@ fn launch(launcher: &Launcher, job: &Job, ctx: &StageContext<'_>) -> Result<Valu
         .map_err(|e| TrainError::io("create the output directory", &ctx.out_dir, e))?;
     std::fs::create_dir_all(&ctx.scratch_dir)
         .map_err(|e| TrainError::io("create the scratch directory", &ctx.scratch_dir, e))?;
-    match launcher {
-        Launcher::Subprocess { exe } => Ok(run_child(exe, job, ctx)?),
-        #[cfg(feature = "torch")]
-        Launcher::InProcess => {
-            let log = std::sync::Mutex::new(
-                std::fs::File::create(&ctx.log_path)
-                    .map_err(|e| TrainError::io("create the log", &ctx.log_path, e))?,
-            );
-            let hooks = crate::JobHooks {
-                progress: ctx.progress,
-                log: &|line: &str| {
-                    if let Ok(mut f) = log.lock() {
-                        let _ = writeln!(f, "{line}");
-                    }
-                },
-                cancel: ctx.cancel,
-            };
-            Ok(crate::run_job(job, &hooks)?)
+    match &launcher.worker {
+        // Checked here: behind `setpriv`, a missing program is only an exit status 127.
+        Some(exe) if !exe.is_file() => Err(TrainError::Child {
+            message: format!("cannot start the trainer `{}`: no such file", exe.display()),
+            hint: Some(format!(
+                "set ${} to the `{}` binary, or {}",
+                crate::TRAINER_ENV,
+                crate::TRAINER_BINARY,
+                crate::BUILD_HINT
+            )),
         }
+        .into()),
+        Some(exe) => Ok(run_child(exe, job, ctx)?),
+        None => Err(TrainError::Child {
+            message: format!(
+                "no trainer binary: `{}` is not next to autoscale and ${} is not set",
+                crate::TRAINER_BINARY,
+                crate::TRAINER_ENV
+            ),
+            hint: Some(crate::BUILD_HINT.into()),
+        }
+        .into()),
     }
 }
 
@@ -466,6 +477,8 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
     command
         .arg(CHILD_SUBCOMMAND)
         .arg(&job_path)
+        .arg("--identity")
+        .arg(crate::trainer_identity())
         .current_dir(&ctx.work_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -479,7 +492,11 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
     let (mut child, pgid) =
         autoscale_engine::process::spawn_group(&mut command).map_err(|e| TrainError::Child {
             message: format!("cannot start `{}`: {e}", exe.display()),
-            hint: Some("the train kind runs the autoscale binary itself; was it moved?".into()),
+            hint: Some(format!(
+                "the train kind runs the trainer binary; set ${} to it, or {}",
+                crate::TRAINER_ENV,
+                crate::BUILD_HINT
+            )),
         })?;
     let Some(stdout) = child.stdout.take() else {
         return Err(TrainError::Child {
@@ -594,9 +611,7 @@ mod tests {
 
     #[test]
     fn check_accepts_a_mixture_from_an_input_and_refuses_bad_params() {
-        let kind = TrainKind::new(Launcher::Subprocess {
-            exe: PathBuf::from("autoscale"),
-        });
+        let kind = TrainKind::new(Launcher { worker: None });
         let p = |v: Value| v.as_object().cloned().unwrap();
         assert!(kind.check(&p(json!({}))).is_ok());
         assert!(kind.check(&p(json!({"weights": {"a": 1}}))).is_ok());
@@ -605,7 +620,7 @@ mod tests {
         let err = kind.check(&p(json!({"schedule": "exp"}))).unwrap_err();
         assert!(err.contains("schedule"), "{err}");
         assert!(
-            EvalKind::new(Launcher::Subprocess { exe: "x".into() })
+            EvalKind::new(Launcher { worker: None })
                 .check(&p(json!({"eval_tokens": 0})))
                 .is_err()
         );

@@ -1,10 +1,10 @@
-//! The `train` and `eval` stage kinds: GPT-2 and BERT presets trained on libtorch (through tch)
-//! on a domain mixture, validated per domain on fixed held-out sets.
+//! The `train` and `eval` stage kinds: GPT-2 and BERT presets trained on a domain mixture and
+//! validated per domain on fixed held-out sets.
 //!
-//! This is the one crate of the workspace that knows libtorch, and only behind its `torch`
-//! feature. Without it the data format, mixture sampling, schedules, presets, params and the
-//! stage kinds themselves (which run the training in a child process) build and test without
-//! libtorch; with it, [`run_job`] trains and evaluates.
+//! This crate never links libtorch. It owns everything `autoscale` needs to plan, key and launch
+//! a training: params, jobs, the data format, mixture sampling, schedules, presets, and the
+//! trainer's identity. The training itself runs in the `autoscale-train` binary
+//! (`stages/trainer`), the one program of the workspace that links libtorch.
 //!
 //! | module | owns |
 //! |---|---|
@@ -15,7 +15,6 @@
 //! | [`preset`] | model configs, presets, Hugging Face `config.json` |
 //! | [`spec`] | a job from a stage's params and inputs |
 //! | [`kinds`] | the `train` and `eval` kinds and the child process |
-//! | `model`, `trainer`, `evaluate`, `checkpoint`, `export` (feature `torch`) | the libtorch side |
 
 pub mod data;
 pub mod error;
@@ -27,23 +26,7 @@ pub mod sampling;
 pub mod schedule;
 pub mod spec;
 
-#[cfg(feature = "torch")]
-mod checkpoint;
-#[cfg(feature = "torch")]
-mod doctor;
-#[cfg(feature = "torch")]
-mod evaluate;
-#[cfg(feature = "torch")]
-mod export;
-#[cfg(feature = "torch")]
-pub mod model;
-#[cfg(feature = "torch")]
-mod optim;
-#[cfg(feature = "torch")]
-mod safetensors;
-#[cfg(feature = "torch")]
-mod trainer;
-
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -54,8 +37,49 @@ pub use error::TrainError;
 pub use kinds::{CHILD_SUBCOMMAND, ChildMessage, EvalKind, Launcher, TrainKind, die_with_parent};
 pub use spec::{EvalSpec, Job, TrainSpec};
 
-#[cfg(feature = "torch")]
-pub use doctor::{TorchInfo, torch_info};
+// One literal for both the constant and the identity below (`concat!` takes only literals).
+macro_rules! libtorch_version {
+    () => {
+        "2.13.0"
+    };
+}
+
+/// The trainer binary's file name.
+pub const TRAINER_BINARY: &str = "autoscale-train";
+/// Names the trainer binary explicitly, before the one next to `autoscale`.
+pub const TRAINER_ENV: &str = "AUTOSCALE_TRAINER";
+/// The libtorch the trainer links: the version tch 0.26 is built for.
+pub const LIBTORCH_VERSION: &str = libtorch_version!();
+/// How to build both binaries, for errors that find no trainer or the wrong one.
+pub const BUILD_HINT: &str = "build both binaries from one checkout: `bash examples/demo.sh`, or \
+python3 -m venv .venv && .venv/bin/pip install torch==2.13.0, then \
+PATH=$PWD/.venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 cargo build --release --workspace";
+
+/// What makes a training's result besides its params and data: the trainer's code (a digest of
+/// its sources, computed at build time, so `autoscale` and `autoscale-train` from one checkout
+/// agree) and the libtorch version it links. Part of every train/eval key; known without
+/// starting the trainer.
+pub const TRAINER_IDENTITY: &str = concat!(
+    "trainer ",
+    env!("AUTOSCALE_TRAINER_CODE"),
+    " libtorch ",
+    libtorch_version!()
+);
+
+/// The trainer identity the kinds key on and send to the worker.
+pub fn trainer_identity() -> &'static str {
+    TRAINER_IDENTITY
+}
+
+/// Where the trainer binary is: `$AUTOSCALE_TRAINER` when set, else `autoscale-train` next to
+/// `exe` (the running `autoscale`). Only a `stat`; the trainer is not started.
+pub fn find_trainer(exe: Option<&Path>) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(TRAINER_ENV).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    let beside = exe?.parent()?.join(TRAINER_BINARY);
+    beside.is_file().then_some(beside)
+}
 
 /// The kinds this crate provides, running their jobs with `launcher`.
 pub fn kinds(launcher: Launcher) -> Vec<Arc<dyn StageKind>> {
@@ -76,24 +100,9 @@ pub struct JobHooks<'a> {
     pub cancel: &'a AtomicBool,
 }
 
-/// Runs a job in this process: trains (resuming from a checkpoint in its scratch directory) or
-/// evaluates, and writes the outputs. Returns the stage's result summary.
-#[cfg(feature = "torch")]
-pub fn run_job(job: &Job, hooks: &JobHooks<'_>) -> Result<Value, TrainError> {
-    // libtorch reports some errors by panicking through tch; they become errors here.
-    let run = std::panic::AssertUnwindSafe(|| match job {
-        Job::Train(spec) => trainer::train(spec, hooks),
-        Job::Eval(spec) => evaluate::eval_job(spec, hooks),
-    });
-    match std::panic::catch_unwind(run) {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "an unknown failure".into());
-            Err(TrainError::torch(message))
-        }
+impl JobHooks<'_> {
+    /// Logs a line.
+    pub fn say(&self, line: &str) {
+        (self.log)(line)
     }
 }

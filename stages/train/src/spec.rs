@@ -1,5 +1,5 @@
 //! A training or evaluation job, resolved from a stage's params and inputs. The `train` kind
-//! writes it as JSON for the child process (`autoscale internal-train JOB.json`), which runs it.
+//! writes it as JSON for the trainer binary (`autoscale-train job JOB.json`), which runs it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -7,19 +7,20 @@
 //! `bpb` = total nats / ln 2 / bytes of the scored text (end-of-text targets cost nats, no
 //! bytes).
 
+use crate::TorchResult;
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::JobHooks;
-use crate::data::{Corpus, Split};
-use crate::error::TrainError;
 use crate::export;
 use crate::model::{Batch, Model};
-use crate::preset::{Arch, ModelConfig};
-use crate::rng::SplitMix64;
-use crate::spec::{DeviceRequest, EvalSpec};
+use autoscale_train::JobHooks;
+use autoscale_train::data::{Corpus, Split};
+use autoscale_train::error::TrainError;
+use autoscale_train::preset::{Arch, ModelConfig};
+use autoscale_train::rng::SplitMix64;
+use autoscale_train::spec::{DeviceRequest, EvalSpec};
 
 /// Validation masks do not depend on the run's seed: every run is scored on the same tokens.
 const EVAL_MASK_SEED: u64 = 0x5eed_e7a1;
@@ -116,7 +117,7 @@ pub fn evaluate(
                     (batch, n)
                 }
             };
-            nats += model.loss_sum(&batch, false)?.f_double_value(&[])?;
+            nats += model.loss_sum(&batch, false)?.f_double_value(&[]).torch()?;
             count += batch.count;
             text += non_eot;
         }
@@ -286,10 +287,4 @@ pub fn eval_job(spec: &EvalSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainErr
         "worst_ppl": value["worst_ppl"],
         "domains": domains,
     }))
-}
-
-impl JobHooks<'_> {
-    pub(crate) fn say(&self, line: &str) {
-        (self.log)(line)
-    }
 }

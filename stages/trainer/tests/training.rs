@@ -1,7 +1,6 @@
 //! Trainings on the fixture corpus, in process: the tiny presets learn, the same seed gives the
 //! same loss, a cancelled run resumes exactly, shards train like the JSONL they came from, the
 //! `eval` job scores held-out domains, and the export loads in Hugging Face `transformers`.
-#![cfg(feature = "torch")]
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -9,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use autoscale_train::data::{Corpus, HeldOut};
 use autoscale_train::spec::{self, DeviceRequest};
-use autoscale_train::{Job, JobHooks, TrainError, run_job};
+use autoscale_train::{Job, JobHooks, TrainError};
+use autoscale_trainer::run_job;
 use serde_json::{Value, json};
 
 fn fixture() -> PathBuf {

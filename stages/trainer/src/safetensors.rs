@@ -2,6 +2,7 @@
 //! model), with the `{"format": "pt"}` metadata Hugging Face `transformers` looks for.
 //! Reading goes through tch.
 
+use crate::TorchResult;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -9,7 +10,7 @@ use std::path::Path;
 use serde_json::{Map, Value, json};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::TrainError;
+use autoscale_train::error::TrainError;
 
 fn dtype(kind: Kind) -> Result<&'static str, TrainError> {
     Ok(match kind {
@@ -52,7 +53,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), TrainError
         let t = t.to_device(Device::Cpu).contiguous();
         let n = t.numel() * t.kind().elt_size_in_bytes();
         let mut buf = vec![0u8; n];
-        t.f_copy_data_u8(&mut buf, t.numel())?;
+        t.f_copy_data_u8(&mut buf, t.numel()).torch()?;
         out.write_all(&buf).map_err(io)?;
     }
     let file = out

@@ -152,7 +152,7 @@ pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Option<Tensor> {
 mod tests {
     use super::*;
     use crate::model::Model;
-    use crate::preset::ModelConfig;
+    use autoscale_train::preset::ModelConfig;
     use tch::Kind;
 
     #[test]

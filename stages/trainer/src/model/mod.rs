@@ -9,14 +9,15 @@
 mod bert;
 mod gpt2;
 
+use crate::TorchResult;
 use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::error::TrainError;
-use crate::masking::mask_tokens;
-use crate::preset::{Arch, ModelConfig};
-use crate::rng::SplitMix64;
+use autoscale_train::error::TrainError;
+use autoscale_train::masking::mask_tokens;
+use autoscale_train::preset::{Arch, ModelConfig};
+use autoscale_train::rng::SplitMix64;
 
 /// A model's parameters by name, in a fixed order.
 #[derive(Debug)]
@@ -102,7 +103,7 @@ impl Params {
                     p.size()
                 )));
             }
-            p.f_copy_(&src)?;
+            p.f_copy_(&src).torch()?;
         }
         Ok(())
     }
@@ -273,17 +274,15 @@ impl Model {
                         tch::Reduction::Sum,
                         -100,
                         0.0,
-                    )?)
+                    )
+                    .torch()?)
             }
             (Net::Bert(net), Targets::Masked { positions, ids }) => {
                 let logits = net.forward_at(&batch.inputs, positions, dropout, compute);
-                Ok(logits.to_kind(Kind::Float).f_cross_entropy_loss::<Tensor>(
-                    ids,
-                    None,
-                    tch::Reduction::Sum,
-                    -100,
-                    0.0,
-                )?)
+                Ok(logits
+                    .to_kind(Kind::Float)
+                    .f_cross_entropy_loss::<Tensor>(ids, None, tch::Reduction::Sum, -100, 0.0)
+                    .torch()?)
             }
             (Net::Gpt2(_), Targets::Masked { .. }) | (Net::Bert(_), Targets::Next(_)) => Err(
                 TrainError::torch("a batch built for the other architecture (a bug)"),

@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::{Params, conv1d, embed, layer_norm};
-use crate::preset::ModelConfig;
+use autoscale_train::preset::ModelConfig;
 
 struct Norm {
     w: Tensor,

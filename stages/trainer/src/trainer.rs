@@ -6,25 +6,26 @@
 //! parameters and optimizer moments. So on the CPU (same threads), the same seed and inputs give
 //! the same final loss, and a resumed run gives what an uninterrupted one would have.
 
+use crate::TorchResult;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use serde_json::{Value, json};
 use tch::{Kind, Tensor};
 
-use crate::JobHooks;
 use crate::checkpoint::{self, CheckpointIndex};
-use crate::data::{Corpus, Split};
-use crate::error::TrainError;
 use crate::evaluate::{self, DomainMetrics, check_ids, eval_sets, evaluate};
 use crate::export::{self, ModelInfo};
 use crate::model::{Batch, Model};
 use crate::optim::{AdamW, backward, clip_grad_norm};
-use crate::preset::{Arch, ModelConfig};
-use crate::rng::SplitMix64;
-use crate::sampling::SequencePlan;
-use crate::schedule::LrSchedule;
-use crate::spec::TrainSpec;
+use autoscale_train::JobHooks;
+use autoscale_train::data::{Corpus, Split};
+use autoscale_train::error::TrainError;
+use autoscale_train::preset::{Arch, ModelConfig};
+use autoscale_train::rng::SplitMix64;
+use autoscale_train::sampling::SequencePlan;
+use autoscale_train::schedule::LrSchedule;
+use autoscale_train::spec::TrainSpec;
 
 /// Steps the final training loss averages over.
 const FINAL_LOSS_STEPS: usize = 20;
@@ -277,7 +278,7 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
     let mut pending: Vec<Tensor> = Vec::new();
     let flush = |pending: &mut Vec<Tensor>, recent: &mut VecDeque<f64>| -> Result<(), TrainError> {
         for t in pending.drain(..) {
-            recent.push_back(t.f_double_value(&[])?);
+            recent.push_back(t.f_double_value(&[]).torch()?);
         }
         while recent.len() > FINAL_LOSS_STEPS.max(log_every as usize) {
             recent.pop_front();
@@ -302,7 +303,7 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
         let mut grads = None;
         for batch in &batches {
             let loss = run.model.loss_sum(batch, true)? / total.max(1) as f64;
-            grads = Some(backward(&loss, &run.model.params, grads)?);
+            grads = Some(backward(&loss, &run.model.params, grads).torch()?);
             step_loss += loss.detach();
         }
         let grads = grads.unwrap_or_default();

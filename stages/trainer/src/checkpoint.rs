@@ -11,15 +11,16 @@
 //! previous checkpoint or the new one, never half of one. The `fingerprint` (everything that
 //! shapes the training) must match for a checkpoint to be used.
 
+use crate::TorchResult;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::TrainError;
 use crate::model::Params;
 use crate::optim::AdamW;
 use crate::safetensors;
+use autoscale_train::error::TrainError;
 
 const INDEX: &str = "checkpoint.json";
 
@@ -98,8 +99,8 @@ pub fn load(
     };
     let _guard = tch::no_grad_guard();
     for ((name, _), s) in params.tensors.iter().zip(&mut opt.state) {
-        s.m.f_copy_(&by_name(&mut m, name)?)?;
-        s.v.f_copy_(&by_name(&mut v, name)?)?;
+        s.m.f_copy_(&by_name(&mut m, name)?).torch()?;
+        s.v.f_copy_(&by_name(&mut v, name)?).torch()?;
     }
     opt.t = index.step;
     Ok(())

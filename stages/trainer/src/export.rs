@@ -8,19 +8,20 @@
 //!                           `labels`) and our fp32 loss on it, to check a loader against
 //! ```
 
+use crate::TorchResult;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tch::{Device, Kind};
 
-use crate::data::Vocabulary;
-use crate::error::TrainError;
 use crate::evaluate::write_json;
 use crate::model::{Batch, Model, Targets};
-use crate::preset::{Arch, ModelConfig};
-use crate::rng::SplitMix64;
 use crate::safetensors;
+use autoscale_train::data::Vocabulary;
+use autoscale_train::error::TrainError;
+use autoscale_train::preset::{Arch, ModelConfig};
+use autoscale_train::rng::SplitMix64;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelInfo {
@@ -82,12 +83,13 @@ fn sample(model: &Model, windows: &[Vec<i64>]) -> Result<Option<Value>, TrainErr
                 return Ok(None);
             };
             let t = windows[0].len() - 1;
-            let flat = Vec::<i64>::try_from(batch.inputs.view([-1]).to_device(Device::Cpu))?;
+            let flat =
+                Vec::<i64>::try_from(batch.inputs.view([-1]).to_device(Device::Cpu)).torch()?;
             let input_ids: Vec<Vec<i64>> = flat.chunks(t).map(<[i64]>::to_vec).collect();
             let mut labels = vec![vec![-100i64; t]; windows.len()];
             if let Targets::Masked { positions, ids } = &batch.targets {
-                let positions = Vec::<i64>::try_from(positions.to_device(Device::Cpu))?;
-                let ids = Vec::<i64>::try_from(ids.to_device(Device::Cpu))?;
+                let positions = Vec::<i64>::try_from(positions.to_device(Device::Cpu)).torch()?;
+                let ids = Vec::<i64>::try_from(ids.to_device(Device::Cpu)).torch()?;
                 for (p, id) in positions.into_iter().zip(ids) {
                     labels[p as usize / t][p as usize % t] = id;
                 }
@@ -97,7 +99,8 @@ fn sample(model: &Model, windows: &[Vec<i64>]) -> Result<Option<Value>, TrainErr
     };
     let loss = model
         .loss_sum_in(&batch, false, Kind::Float)?
-        .f_double_value(&[])?
+        .f_double_value(&[])
+        .torch()?
         / batch.count as f64;
     Ok(Some(json!({
         "arch": config.arch,

@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::{Params, embed, layer_norm, linear};
-use crate::preset::ModelConfig;
+use autoscale_train::preset::ModelConfig;
 
 struct Dense {
     w: Tensor,
