@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use autoscale_cache::{ActionKey, Cache, GcOptions, Remote, RemoteConfig, RemoteError};
+use autoscale_engine::stamp::{self, Invocation, Stamp};
 use autoscale_engine::{
     Engine, Event, GpuSpec, KindRegistry, Overrides, Pipeline, RunOptions, StageState,
 };
@@ -157,70 +158,20 @@ fn dispatch_command(
     verbose: u8,
 ) -> Result<u8, Failure> {
     match command {
-        Command::Run(args) => {
-            let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
-            let pipeline = pipeline.select(&args.targets).map_err(Failure::engine)?;
-            if args.dry_run {
-                let status = engine.status(&pipeline).map_err(Failure::engine)?;
-                render::print_status(&pipeline, &status, json);
-                render::print_remote_warnings(&engine.cache().take_remote_warnings());
+        Command::Run(args) => run(args, cache_args, json, verbose),
+        Command::Status(args) => {
+            let invocation = invocation(&args.pipeline, &args.targets);
+            if let Some(stamp) = Stamp::check(&cache_root(cache_args), &invocation, &identity()) {
+                tracing::info!("no-op: answered from the stamp of the last run");
+                render::print_stamped_status(&stamp, json);
                 return Ok(exit::OK);
             }
-            let gpus = match &args.gpus {
-                Some(spec) => GpuSpec::parse(spec).map_err(|e| {
-                    Failure::usage(
-                        format!("--gpus {spec}: {e}"),
-                        "write `--gpus 0,1,3`, `--gpus none` or `--gpus auto`",
-                    )
-                })?,
-                None => GpuSpec::Auto,
-            };
-            let cancel = Arc::new(AtomicBool::new(false));
-            let flag = cancel.clone();
-            let _ = ctrlc::set_handler(move || {
-                if flag.swap(true, Ordering::SeqCst) {
-                    // A second Ctrl-C: the user means it.
-                    std::process::exit(i32::from(exit::INTERRUPTED));
-                }
-            });
-            let options = RunOptions {
-                jobs: args.jobs.unwrap_or_else(|| RunOptions::default().jobs),
-                gpus,
-                keep_going: args.keep_going,
-                cancel,
-            };
-            let reporter = Reporter::new(json, verbose, pipeline.stages.len());
-            // Remote problems (down, slow, a bad entry) are shown as warnings as they happen.
-            let remote_warnings = || {
-                for w in engine.cache().take_remote_warnings() {
-                    reporter.event(Event::Warning {
-                        stage: None,
-                        message: format!("remote cache: {w}"),
-                    });
-                }
-            };
-            let result = engine.run(&pipeline, &options, &|e| {
-                reporter.event(e);
-                remote_warnings();
-            });
-            remote_warnings();
-            let summary = result.map_err(Failure::engine)?;
-            reporter.finish(&summary);
-            Ok(if summary.interrupted {
-                exit::INTERRUPTED
-            } else if summary.failed > 0 {
-                exit::STAGE_FAILED
-            } else {
-                exit::OK
-            })
-        }
-        Command::Status(args) => {
             let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
             let pipeline = pipeline.select(&args.targets).map_err(Failure::engine)?;
             let status = engine.status(&pipeline);
             render::print_remote_warnings(&engine.cache().take_remote_warnings());
             let status = status.map_err(Failure::engine)?;
-            render::print_status(&pipeline, &status, json);
+            render::print_status(&pipeline.name, &status, json);
             Ok(exit::OK)
         }
         Command::Explain(args) => {
@@ -319,6 +270,167 @@ fn dispatch_command(
         Command::Mix(args) => mix::run(args, json),
         Command::Doctor => trainer::doctor(json),
     }
+}
+
+/// What a no-op stamp must match beyond the files it stats: this binary's version and the
+/// trainer identity compiled into it (the binary's own stat is checked too).
+fn identity() -> String {
+    format!(
+        "autoscale {} {}",
+        env!("CARGO_PKG_VERSION"),
+        autoscale_train::TRAINER_IDENTITY
+    )
+}
+
+fn cache_root(args: &CacheArgs) -> PathBuf {
+    args.dir.clone().unwrap_or_else(default_cache_dir)
+}
+
+fn invocation(p: &PipelineArgs, targets: &[String]) -> Invocation {
+    Invocation::new(&p.file, &p.with, &p.set, targets)
+}
+
+fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> Result<u8, Failure> {
+    let invocation = invocation(&args.pipeline, &args.targets);
+    let root = cache_root(cache_args);
+    if !args.dry_run
+        && let Some(stamp) = Stamp::check(&root, &invocation, &identity())
+        && stamp.gpus == args.gpus
+    {
+        // Nothing moved since the last run that ended all cached or executed: answer from its
+        // stamp, without parsing the pipeline or computing a key.
+        let started = std::time::Instant::now();
+        let reporter = Reporter::new(json, verbose, stamp.stages.len());
+        for message in &stamp.warnings {
+            reporter.event(Event::Warning {
+                stage: None,
+                message: message.clone(),
+            });
+        }
+        reporter.event(Event::Plan {
+            pipeline: stamp.pipeline.clone(),
+            stages: stamp.stages.len(),
+        });
+        for stage in &stamp.stages {
+            reporter.event(Event::Finished {
+                stage: stage.id.clone(),
+                outcome: autoscale_engine::Outcome::Cached,
+                key: Some(stage.key),
+                duration_ms: 0,
+                error: None,
+                log: None,
+            });
+        }
+        reporter.finish(&autoscale_engine::RunSummary {
+            cached: stamp.stages.len(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            from_stamp: true,
+            ..Default::default()
+        });
+        return Ok(exit::OK);
+    }
+    let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
+    let pipeline = pipeline.select(&args.targets).map_err(Failure::engine)?;
+    if args.dry_run {
+        let status = engine.status(&pipeline).map_err(Failure::engine)?;
+        render::print_status(&pipeline.name, &status, json);
+        render::print_remote_warnings(&engine.cache().take_remote_warnings());
+        return Ok(exit::OK);
+    }
+    let gpus = match &args.gpus {
+        Some(spec) => GpuSpec::parse(spec).map_err(|e| {
+            Failure::usage(
+                format!("--gpus {spec}: {e}"),
+                "write `--gpus 0,1,3`, `--gpus none` or `--gpus auto`",
+            )
+        })?,
+        None => GpuSpec::Auto,
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            // A second Ctrl-C: the user means it.
+            std::process::exit(i32::from(exit::INTERRUPTED));
+        }
+    });
+    let options = RunOptions {
+        jobs: args.jobs.unwrap_or_else(|| RunOptions::default().jobs),
+        gpus,
+        keep_going: args.keep_going,
+        cancel,
+    };
+    let reporter = Reporter::new(json, verbose, pipeline.stages.len());
+    // Remote problems (down, slow, a bad entry) are shown as warnings as they happen.
+    let remote_warnings = || {
+        for w in engine.cache().take_remote_warnings() {
+            reporter.event(Event::Warning {
+                stage: None,
+                message: format!("remote cache: {w}"),
+            });
+        }
+    };
+    // What the stamp of this run records: the stats before it, the stages' keys as they finish,
+    // the warnings given before the plan.
+    let before = stamp::Before::take(&invocation, &pipeline);
+    let finished = std::sync::Mutex::new((Vec::new(), Vec::new(), false));
+    let result = engine.run(&pipeline, &options, &|e| {
+        if let Ok(mut seen) = finished.lock() {
+            let (stages, warnings, planned) = &mut *seen;
+            match &e {
+                Event::Plan { .. } => *planned = true,
+                Event::Warning { message, .. } if !*planned => warnings.push(message.clone()),
+                Event::Finished {
+                    stage,
+                    key: Some(key),
+                    ..
+                } => stages.push((stage.clone(), *key)),
+                _ => {}
+            }
+        }
+        reporter.event(e);
+        remote_warnings();
+    });
+    remote_warnings();
+    let summary = result.map_err(Failure::engine)?;
+    reporter.finish(&summary);
+    let all_done = summary.failed == 0 && summary.skipped == 0 && !summary.interrupted;
+    match (before, finished.into_inner()) {
+        (Some(before), Ok((stages, warnings, _))) if all_done => {
+            let kind_of = |id: &str| {
+                let template = id.split('[').next().unwrap_or(id);
+                pipeline
+                    .stage(id)
+                    .or_else(|| pipeline.stage(template))
+                    .map(|s| s.kind.clone())
+                    .unwrap_or_default()
+            };
+            let stages = stages
+                .into_iter()
+                .map(|(id, key)| {
+                    let kind = kind_of(&id);
+                    (id, kind, key)
+                })
+                .collect();
+            before.write(
+                engine.cache(),
+                &invocation,
+                &identity(),
+                &pipeline.name,
+                args.gpus.clone(),
+                stages,
+                warnings,
+            );
+        }
+        _ => stamp::forget(&root, &invocation),
+    }
+    Ok(if summary.interrupted {
+        exit::INTERRUPTED
+    } else if summary.failed > 0 {
+        exit::STAGE_FAILED
+    } else {
+        exit::OK
+    })
 }
 
 fn cache_command(cmd: CacheCommand, cache_args: &CacheArgs, json: bool) -> Result<u8, Failure> {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use autoscale_cache::{ActionSummary, GcReport, Manifest, RemoteWarning, SyncReport, VerifyReport};
 use autoscale_engine::{
-    ConfigError, ConfigErrors, EngineError, Event, Explanation, KindRegistry, Outcome, Pipeline,
-    RunSummary, StageState, StageStatus,
+    ConfigError, ConfigErrors, EngineError, Event, Explanation, KindRegistry, Outcome, RunSummary,
+    StageState, StageStatus,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -351,11 +351,31 @@ impl Reporter {
         if summary.interrupted {
             text.push_str(" (interrupted; nothing half-done was cached, run again to resume)");
         }
+        if summary.from_stamp {
+            text.push_str(" (nothing changed since the last run: answered from its stamp)");
+        }
         let _ = writeln!(std::io::stderr(), "{text}");
     }
 }
 
-pub fn print_status(pipeline: &Pipeline, status: &[StageStatus], json: bool) {
+/// `status` answered from a no-op stamp: every stage cached.
+pub fn print_stamped_status(stamp: &autoscale_engine::stamp::Stamp, json: bool) {
+    let status: Vec<StageStatus> = stamp
+        .stages
+        .iter()
+        .map(|s| StageStatus {
+            stage: s.id.clone(),
+            kind: s.kind.clone(),
+            state: StageState::Cached {
+                key: s.key,
+                remote: false,
+            },
+        })
+        .collect();
+    print_status(&stamp.pipeline, &status, json);
+}
+
+pub fn print_status(pipeline: &str, status: &[StageStatus], json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
         for s in status {
@@ -405,7 +425,7 @@ pub fn print_status(pipeline: &Pipeline, status: &[StageStatus], json: bool) {
     let _ = writeln!(
         out,
         "{}: {} stages, {cached} cached{from_remote}, {} to run ({waiting} of them wait on an upstream result)",
-        pipeline.name,
+        pipeline,
         status.len(),
         run + waiting
     );

@@ -54,6 +54,19 @@ pub struct Cache {
     remote: Option<Arc<Remote>>,
 }
 
+/// Where a key's manifest and output tree are in the cache rooted at `root`, without opening
+/// it (the no-op fast path only `stat`s them).
+pub fn entry_paths(root: &Path, key: &ActionKey) -> (PathBuf, PathBuf) {
+    let base = root.join(LAYOUT_VERSION);
+    let hex = key.to_hex();
+    (
+        base.join("actions")
+            .join(&hex[..2])
+            .join(format!("{hex}.json")),
+        base.join("out").join(hex),
+    )
+}
+
 impl Cache {
     /// Opens (creating when needed) the cache at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, CacheError> {
@@ -133,7 +146,7 @@ impl Cache {
 
     /// The read-only output tree of a committed action.
     pub fn output_dir(&self, key: &ActionKey) -> PathBuf {
-        self.base.join("out").join(key.to_hex())
+        entry_paths(&self.root, key).1
     }
 
     /// Scratch space that survives a killed run of the same key (for checkpoints), and is
@@ -144,12 +157,9 @@ impl Cache {
         Ok(dir)
     }
 
-    fn manifest_path(&self, key: &ActionKey) -> PathBuf {
-        let hex = key.to_hex();
-        self.base
-            .join("actions")
-            .join(&hex[..2])
-            .join(format!("{hex}.json"))
+    /// Where a committed action's manifest is.
+    pub fn manifest_path(&self, key: &ActionKey) -> PathBuf {
+        entry_paths(&self.root, key).0
     }
 
     /// The staging folder of one attempt: `tmp/<key>.<attempt>`. A process left over from an

@@ -13,6 +13,7 @@ pub mod kind;
 pub mod pipeline;
 pub mod process;
 pub mod run;
+pub mod stamp;
 
 pub use devices::GpuSpec;
 pub use error::{ConfigError, ConfigErrors, EngineError, SourceLoc};

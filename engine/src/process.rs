@@ -1,13 +1,17 @@
 //! For kinds that run child processes: a stage's processes live in one process group of their
 //! own, die with the engine, and are all gone before the stage's outputs are stored.
 //!
-//! - [`group_command`] and [`spawn_group`] start the child as the leader of a new group, with a
-//!   parent-death signal (SIGHUP) so that an engine killed outright still takes the child with
-//!   it. The signal is set by util-linux's `setpriv --pdeathsig` where it exists, so the spawn
+//! - [`spawn_group`] starts a command as the leader of a new process group.
+//! - [`guarded_shell`] runs a shell command so that an engine killed outright (SIGKILL
+//!   included) takes the command's whole group with it, background jobs included: a guard shell
+//!   runs the command as a job and watches the engine's *lifeline*, a pipe whose only writer
+//!   is the engine. The kernel closes it when the engine dies, however it dies, and the guard
+//!   then kills its group. This costs a `fork` of `sh`, not the `exec` of a second shell or of
+//!   `setpriv` (measured in BENCHMARKS.md).
+//! - [`group_command`] is for programs that are not shell commands (the trainer): a parent-death
+//!   signal (SIGHUP), set by util-linux's `setpriv --pdeathsig` where it exists, so the spawn
 //!   stays a `posix_spawn`; otherwise by a `pre_exec` hook, which forces a `fork` of the whole
-//!   engine (measured: 3x the per-stage cost of 1,000 trivial stages). Only the direct
-//!   child gets that signal; [`guarded_shell`] wraps a shell command so that the signal kills
-//!   the whole group, background jobs included.
+//!   engine. Only the direct child gets that signal.
 //! - [`reap_group`] kills whatever is left of a group once its leader has exited (a background
 //!   job still writing into the outputs) and waits until none of it is left, so that nothing
 //!   writes after the outputs are hashed, and no retry starts while a writer may live.
@@ -42,6 +46,40 @@ pub fn stop_group(pgid: Pid, child: &mut Child, grace: Duration) {
     let _ = kill_process_group(pgid, Signal::KILL);
     let _ = child.wait();
     let _ = reap_group(pgid, GROUP_DEADLINE);
+}
+
+/// Waits for `child` to exit, or for `cancelled` to say stop (checked every `every`); `None`
+/// when cancelled, the child still running. Wakes the moment the child exits (a pidfd, where the
+/// kernel has them), so a stage of a few milliseconds is not stretched by a polling interval.
+pub fn wait_or_cancel(
+    child: &mut Child,
+    cancelled: impl Fn() -> bool,
+    every: Duration,
+) -> io::Result<Option<std::process::ExitStatus>> {
+    let pidfd = Pid::from_raw(child.id() as i32).and_then(|pid| {
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+    });
+    let mut pause = Duration::from_micros(100);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if cancelled() {
+            return Ok(None);
+        }
+        match &pidfd {
+            Some(fd) => {
+                let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+                let timeout = rustix::event::Timespec::try_from(every).ok();
+                // Interrupted or timed out: look again.
+                let _ = rustix::event::poll(&mut fds, timeout.as_ref());
+            }
+            None => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(every);
+            }
+        }
+    }
 }
 
 /// How long [`reap_group`] waits for a killed group to disappear.
@@ -112,7 +150,8 @@ fn launcher() -> Option<&'static Path> {
 }
 
 /// A command that runs `program` with a parent-death signal of SIGHUP, through `setpriv` when
-/// there is one; add its args and spawn it with [`spawn_group`].
+/// there is one, else through a `pre_exec` hook; add its args and spawn it with
+/// [`spawn_group`].
 pub fn group_command(program: impl AsRef<OsStr>) -> Command {
     match launcher() {
         Some(setpriv) => {
@@ -120,50 +159,99 @@ pub fn group_command(program: impl AsRef<OsStr>) -> Command {
             command.args(["--pdeathsig", "HUP", "--"]).arg(program);
             command
         }
-        None => Command::new(program),
+        None => {
+            let mut command = Command::new(program);
+            with_death_signal_hook(&mut command);
+            command
+        }
     }
 }
 
-/// Starts `command` as the leader of a new process group that gets SIGHUP when the thread
-/// that spawned it exits (with the engine, or a killed engine). Spawn from a thread that lives
-/// as long as the child: a worker thread that waits for it. A command not made by
-/// [`group_command`] gets the signal from a `pre_exec` hook.
+/// Sets SIGHUP as `command`'s parent-death signal in the forked child, before exec. The signal
+/// comes when the thread that spawned the child exits: spawn from a thread that lives as long
+/// as the child.
+fn with_death_signal_hook(command: &mut Command) {
+    let parent = rustix::process::getpid();
+    // Runs in the forked child before exec, so it may only make async-signal-safe calls:
+    // two syscalls through rustix, no allocation, no locks.
+    #[allow(unsafe_code)]
+    // SAFETY: the closure calls only `prctl(PR_SET_PDEATHSIG)` and `getppid`, both
+    // async-signal-safe system calls, and builds its error without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(Signal::HUP))?;
+            // The engine may have died between fork and the call above.
+            if rustix::process::getppid() != Some(parent) {
+                return Err(io::Error::from_raw_os_error(
+                    rustix::io::Errno::SRCH.raw_os_error(),
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Starts `command` as the leader of a new process group; returns the child and the group.
 pub fn spawn_group(command: &mut Command) -> io::Result<(Child, Pid)> {
     command.process_group(0);
-    if launcher().is_none_or(|setpriv| command.get_program() != setpriv.as_os_str()) {
-        let parent = rustix::process::getpid();
-        // Runs in the forked child before exec, so it may only make async-signal-safe calls:
-        // two syscalls through rustix, no allocation, no locks.
-        #[allow(unsafe_code)]
-        // SAFETY: the closure calls only `prctl(PR_SET_PDEATHSIG)` and `getppid`, both
-        // async-signal-safe system calls, and builds its error without allocating.
-        unsafe {
-            command.pre_exec(move || {
-                rustix::process::set_parent_process_death_signal(Some(Signal::HUP))?;
-                // The engine may have died between fork and the call above.
-                if rustix::process::getppid() != Some(parent) {
-                    return Err(io::Error::from_raw_os_error(
-                        rustix::io::Errno::SRCH.raw_os_error(),
-                    ));
-                }
-                Ok(())
-            });
-        }
-    }
     let child = command.spawn()?;
     let pgid = Pid::from_raw(child.id() as i32)
         .ok_or_else(|| io::Error::other("the child has no process id"))?;
     Ok((child, pgid))
 }
 
-/// `sh -c` arguments that run `cmd` as a background job of a guard shell: when the engine dies
-/// the guard gets SIGHUP (see [`spawn_group`]) and kills the whole group, so nothing the
-/// command started outlives a killed engine. The command's exit status is the guard's.
-pub fn guarded_shell(cmd: &str) -> [&str; 4] {
-    ["-c", GUARD, "autoscale-stage", cmd]
+/// `sh` as found on the PATH, looked up once: a spawn of a bare `sh` tries every PATH entry
+/// in turn (nine failed `execve`s per stage on a typical PATH).
+fn shell() -> &'static Path {
+    static SHELL: OnceLock<PathBuf> = OnceLock::new();
+    SHELL.get_or_init(|| {
+        std::env::var_os("PATH")
+            .and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|dir| dir.join("sh"))
+                    .find(|p| p.is_file())
+            })
+            .unwrap_or_else(|| PathBuf::from("/bin/sh"))
+    })
 }
 
-const GUARD: &str = "trap 'kill -KILL 0' HUP\nsh -c \"$1\" &\nwait $!";
+/// The engine's lifeline: a pipe whose write end only this process holds (close-on-exec, so no
+/// child inherits it). Guard shells read its other end and see end-of-file when this process
+/// is gone.
+fn lifeline() -> io::Result<&'static io::PipeReader> {
+    static LIFELINE: OnceLock<Option<(io::PipeReader, io::PipeWriter)>> = OnceLock::new();
+    LIFELINE
+        .get_or_init(|| io::pipe().ok())
+        .as_ref()
+        .map(|(reader, _)| reader)
+        .ok_or_else(|| io::Error::other("cannot make the stage lifeline pipe"))
+}
+
+/// `sh`, running `cmd` in a guard shell that kills its whole group when the engine dies (see
+/// the module docs); its stdin is the engine's lifeline, and `cmd`'s is `/dev/null`. The
+/// command's exit status is the guard's. Spawn it with [`spawn_group`].
+pub fn guarded_shell(cmd: &str) -> io::Result<Command> {
+    guarded_shell_on(cmd, lifeline()?.try_clone()?)
+}
+
+fn guarded_shell_on(cmd: &str, lifeline: io::PipeReader) -> io::Result<Command> {
+    let mut command = Command::new(shell());
+    command
+        .args(["-c", GUARD, "autoscale-stage", cmd])
+        .stdin(lifeline);
+    Ok(command)
+}
+
+// The job is started first, so it sees no variable of the guard's; `shift` inside the eval
+// leaves it no positional params, as `sh -c` would. Fd 9 keeps the lifeline for the watcher,
+// which the guard stops and waits for once the job is done, so that a command that leaves
+// nothing behind leaves an empty group.
+const GUARD: &str = "exec 9<&0 </dev/null
+eval \"shift
+$1\" 9<&- &
+c=$!
+{ read _ <&9; kill -KILL 0; } &
+wait $c; s=$?; kill $! 2>/dev/null; wait $!; exit $s";
 
 #[cfg(test)]
 mod tests {
@@ -192,12 +280,7 @@ mod tests {
             "(sleep 30; echo late) & echo $! > '{}'; exit 3",
             pidfile.display()
         );
-        let (mut child, pgid) = spawn_group(
-            group_command("sh")
-                .args(guarded_shell(&cmd))
-                .stdin(Stdio::null()),
-        )
-        .unwrap();
+        let (mut child, pgid) = spawn_group(&mut guarded_shell(&cmd).unwrap()).unwrap();
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(3));
         let bg = read_pid(&pidfile);
@@ -208,54 +291,61 @@ mod tests {
     }
 
     #[test]
-    fn a_guard_that_loses_its_parent_kills_its_whole_group() {
-        // A middle process spawns the guarded command from a thread, then exits: the
-        // parent-death signal must take the command's background job with it.
+    fn a_guard_whose_lifeline_closes_kills_its_whole_group() {
+        // The test holds the lifeline's write end; dropping it is the engine dying.
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("bg.pid");
         let inner = format!("sleep 30 & echo $! > '{}'; wait", pidfile.display());
-        let handle = std::thread::spawn(move || {
-            let (child, _) = spawn_group(
-                group_command("sh")
-                    .args(guarded_shell(&inner))
-                    .stdin(Stdio::null()),
-            )
-            .unwrap();
-            // Keep `child` unwaited; the thread's exit is the "engine" dying.
-            std::mem::forget(child);
-            for _ in 0..500 {
-                if pidfile.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let bg = read_pid(&pidfile);
-            assert!(alive(bg), "the job runs while its guard's parent lives");
-            pidfile
-        });
-        let pidfile = handle.join().unwrap();
+        let (reader, writer) = io::pipe().unwrap();
+        let (mut child, _) = spawn_group(&mut guarded_shell_on(&inner, reader).unwrap()).unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !pidfile.exists() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50));
         let bg = read_pid(&pidfile);
-        // With the test process as subreaper (the other test) the killed job may linger as a
-        // zombie of ours; `alive` counts a zombie as dead.
+        assert!(alive(bg), "the job runs while the lifeline is open");
+        drop(writer);
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "{status:?}");
         let until = Instant::now() + Duration::from_secs(10);
         while alive(bg) && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(!alive(bg), "{bg} outlived its guard's parent thread");
+        assert!(!alive(bg), "{bg} outlived the lifeline");
+    }
+
+    #[test]
+    fn a_command_that_leaves_nothing_behind_leaves_an_empty_group() {
+        become_subreaper();
+        let (mut child, pgid) = spawn_group(&mut guarded_shell("true").unwrap()).unwrap();
+        assert!(child.wait().unwrap().success());
+        assert_eq!(reap_group(pgid, GROUP_DEADLINE), Ok(Leftovers::None));
+    }
+
+    #[test]
+    fn a_command_sees_no_guard_variables_or_arguments_and_reads_dev_null() {
+        let cmd = "echo \"[$#][$c][$s][$1]\"; cat; echo done";
+        let mut command = guarded_shell(cmd).unwrap();
+        command.stdout(Stdio::piped());
+        let (child, _) = spawn_group(&mut command).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "[0][][][]\ndone\n");
     }
 
     #[test]
     fn without_setpriv_the_pre_exec_hook_sets_the_signal() {
-        let (mut child, _) = spawn_group(
-            Command::new("sh")
-                .args([
-                    "-c",
-                    "grep -q '^SigCgt' /proc/self/status; cat /proc/$$/stat",
-                ])
-                .stdout(Stdio::piped())
-                .stdin(Stdio::null()),
-        )
-        .unwrap();
+        let mut command = Command::new("sh");
+        command
+            .args([
+                "-c",
+                "grep -q '^SigCgt' /proc/self/status; cat /proc/$$/stat",
+            ])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null());
+        with_death_signal_hook(&mut command);
+        let (mut child, _) = spawn_group(&mut command).unwrap();
         let status = child.wait().unwrap();
         assert!(status.success());
         // The pre_exec hook ran (a failing hook makes `spawn` fail), and the child leads its

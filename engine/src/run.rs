@@ -142,6 +142,9 @@ pub struct RunSummary {
     pub skipped: usize,
     pub interrupted: bool,
     pub duration_ms: u64,
+    /// A no-op answered from the last run's stamp (see [`crate::stamp`]), without planning.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub from_stamp: bool,
 }
 
 enum Msg {
@@ -1224,15 +1227,33 @@ fn fanout_error(source: &str, stage: &str, message: String) -> EngineError {
     }
 }
 
+/// The most often the committer flushes the file system. Each flush (`syncfs`) also stalls
+/// every metadata write on the file system until the journal commits; one per stage made
+/// `mkdir` cost 0.2 ms and a first run of 1,000 trivial stages 2x a shell loop (BENCHMARKS.md).
+/// Nothing waits on a commit but the end of the run and other processes wanting the same key.
+const COMMIT_EVERY: Duration = Duration::from_millis(50);
+
 fn committer(cache: &Cache, rx: mpsc::Receiver<(usize, PendingAction)>, tx: mpsc::Sender<Msg>) {
+    let mut last: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
+        // After a quiet spell commit at once; while stages keep finishing, gather them.
+        if let Some(until) = last.map(|t| t + COMMIT_EVERY) {
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                match rx.recv_timeout(left) {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+        }
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
         let ids: Vec<usize> = batch.iter().map(|(i, _)| *i).collect();
         let started = Instant::now();
-        match cache.commit(batch.into_iter().map(|(_, p)| p).collect()) {
+        let result = cache.commit(batch.into_iter().map(|(_, p)| p).collect());
+        last = Some(Instant::now());
+        match result {
             Ok(_) => {
                 tracing::debug!(
                     stages = ids.len(),

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use autoscale_engine::{InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind};
@@ -39,6 +38,8 @@ const PARAMS: &[ParamSpec] = &[
 ];
 
 /// How long a stopped command gets between SIGTERM and SIGKILL.
+/// How often a running command checks for cancellation.
+const POLL: Duration = Duration::from_millis(50);
 const GRACE: Duration = Duration::from_secs(5);
 
 impl StageKind for CommandKind {
@@ -101,13 +102,12 @@ impl StageKind for CommandKind {
         let log_err = log
             .try_clone()
             .map_err(|e| io_failure("open the log", &ctx.log_path, e))?;
-        let mut command = autoscale_engine::process::group_command("sh");
+        // A guard shell runs `cmd` so that a killed engine takes all of it down (see
+        // `autoscale_engine::process`).
+        let mut command = autoscale_engine::process::guarded_shell(&cmd)
+            .map_err(|e| StageError::failed(format!("cannot start `sh`: {e}")))?;
         command
-            // A guard shell runs `cmd` so that a killed engine takes all of it down (see
-            // `autoscale_engine::process`).
-            .args(autoscale_engine::process::guarded_shell(&cmd))
             .current_dir(&ctx.work_dir)
-            .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
             .env("AUTOSCALE_OUT", &ctx.out_dir)
@@ -146,24 +146,19 @@ impl StageKind for CommandKind {
                     hint: Some("is a POSIX shell installed?".into()),
                 }
             })?;
-        let mut sleep = Duration::from_micros(100);
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => {}
-                Err(e) => {
-                    autoscale_engine::process::stop_group(pgid, &mut child, GRACE);
-                    return Err(StageError::failed(format!(
-                        "lost track of the command: {e}"
-                    )));
-                }
-            }
-            if ctx.cancelled() {
+        let cancelled = || ctx.cancelled();
+        let status = match autoscale_engine::process::wait_or_cancel(&mut child, cancelled, POLL) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
                 autoscale_engine::process::stop_group(pgid, &mut child, GRACE);
                 return Err(StageError::Cancelled);
             }
-            std::thread::sleep(sleep);
-            sleep = (sleep * 2).min(Duration::from_millis(50));
+            Err(e) => {
+                autoscale_engine::process::stop_group(pgid, &mut child, GRACE);
+                return Err(StageError::failed(format!(
+                    "lost track of the command: {e}"
+                )));
+            }
         };
         // Background jobs the command left running could still write into its outputs, or
         // into a retry's: none may live once the outputs are hashed or the stage is retried.
