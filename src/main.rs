@@ -412,15 +412,13 @@ fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> R
                     (id, kind, key)
                 })
                 .collect();
-            before.write(
-                engine.cache(),
-                &invocation,
-                &identity(),
-                &pipeline.name,
-                args.gpus.clone(),
+            let record = stamp::RunRecord {
+                pipeline: pipeline.name.clone(),
+                gpus: args.gpus.clone(),
                 stages,
                 warnings,
-            );
+            };
+            before.write(engine.cache(), &invocation, &identity(), record);
         }
         _ => stamp::forget(&root, &invocation),
     }

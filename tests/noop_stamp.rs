@@ -50,7 +50,11 @@ struct Run {
 fn run_with(ws: &Workspace, args: &[&str], mode: &str) -> Run {
     let mut all = vec!["--json", "run", "p.yaml"];
     all.extend_from_slice(args);
-    let out = ws.cmd(&all).env("STAMP_TEST_MODE", mode).output().unwrap();
+    let out = ws
+        .cmd(&all)
+        .env("STAMP_TEST_MODE", mode)
+        .output()
+        .expect("run autoscale");
     let evs = events(&out);
     let summary = evs
         .iter()

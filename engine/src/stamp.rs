@@ -133,6 +133,19 @@ pub struct Stamp {
     pub warnings: Vec<String>,
 }
 
+/// What a finished run tells its stamp.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// The run's `--gpus`.
+    pub gpus: Option<String>,
+    /// The stages as they finished: id, kind, key.
+    pub stages: Vec<(String, String, ActionKey)>,
+    /// Warnings given before the plan.
+    pub warnings: Vec<String>,
+}
+
 /// The files and env a run's answer depends on, taken before it starts.
 #[derive(Debug, Clone)]
 pub struct Before {
@@ -212,17 +225,14 @@ impl Before {
     }
 
     /// After a run in which every stage ended cached or executed: writes the stamp, unless a
-    /// file moved during the run. `stages` are the finished stages with their keys, in order.
-    pub fn write(
-        self,
-        cache: &Cache,
-        invocation: &Invocation,
-        identity: &str,
-        pipeline: &str,
-        gpus: Option<String>,
-        stages: Vec<(String, String, ActionKey)>,
-        warnings: Vec<String>,
-    ) {
+    /// file moved during the run.
+    pub fn write(self, cache: &Cache, invocation: &Invocation, identity: &str, run: RunRecord) {
+        let RunRecord {
+            pipeline,
+            gpus,
+            stages,
+            warnings,
+        } = run;
         let mut paths = Vec::new();
         for (path, stat) in &self.files {
             // Re-walk folders: a file added during the run shows up here.
@@ -258,7 +268,7 @@ impl Before {
             taken_ns: self.taken_ns,
             files: self.files,
             env: self.env,
-            pipeline: pipeline.to_string(),
+            pipeline,
             gpus,
             stages: stamped,
             warnings,
