@@ -78,6 +78,18 @@ stages:
     params: {domains: [latex, wikipedia], eval_tokens: 1024, threads: 1}
 "#;
 
+/// A workspace with the fixture corpus and [`PIPELINE`] as `train.yaml`.
+fn fixture_workspace() -> (Workspace, PathBuf) {
+    let ws = Workspace::new();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    copy_dir(
+        &repo.join("tests/fixtures/corpus"),
+        &ws.path().join("corpus"),
+    );
+    let pipeline = ws.write("train.yaml", PIPELINE);
+    (ws, pipeline)
+}
+
 /// Training processes (`autoscale-train job`) whose job lies under `dir`.
 fn trainings_under(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
@@ -107,13 +119,7 @@ fn a_killed_training_resumes_from_its_checkpoint_and_eval_scores_held_out_domain
     if common::trainer().is_none() {
         return;
     }
-    let ws = Workspace::new();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    copy_dir(
-        &repo.join("tests/fixtures/corpus"),
-        &ws.path().join("corpus"),
-    );
-    let pipeline = ws.write("train.yaml", PIPELINE);
+    let (ws, pipeline) = fixture_workspace();
     let p = pipeline.to_str().unwrap();
 
     // Kill autoscale (SIGKILL) once the training has written a checkpoint.
@@ -287,13 +293,7 @@ stages:
 /// compiled into `autoscale`), and running it fails the stage with the build command.
 #[test]
 fn without_a_trainer_train_stages_plan_and_fail_with_the_build_hint() {
-    let ws = Workspace::new();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    copy_dir(
-        &repo.join("tests/fixtures/corpus"),
-        &ws.path().join("corpus"),
-    );
-    let pipeline = ws.write("train.yaml", PIPELINE);
+    let (ws, pipeline) = fixture_workspace();
     let p = pipeline.to_str().unwrap();
     let missing = ws.path().join("nowhere/autoscale-train");
     let out = ws

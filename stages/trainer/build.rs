@@ -6,8 +6,12 @@
 
 use std::path::Path;
 
+#[path = "src/torch_version.rs"]
+mod torch_version;
+
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=src/torch_version.rs");
     // torch-sys (`links = "tch"`) exports the directory it linked against.
     println!("cargo::rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") else {
@@ -24,26 +28,10 @@ fn main() {
         println!("cargo::rustc-link-arg=-ltorch_cuda");
         println!("cargo::rustc-link-arg=-Wl,--as-needed");
     }
-    if let Some(version) = lib.parent().and_then(read_version) {
+    if let Some(version) = torch_version::read(lib) {
         println!("cargo::rustc-env=AUTOSCALE_LINKED_LIBTORCH={version}");
     }
     for file in ["../version.py", "../build-version"] {
         println!("cargo::rerun-if-changed={}", lib.join(file).display());
     }
-}
-
-/// `torch/version.py` (a wheel) or `libtorch/build-version` (a libtorch zip).
-fn read_version(root: &Path) -> Option<String> {
-    if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("__version__") {
-                let v = rest.trim_start_matches([' ', '=', ':']).trim();
-                let v = v.rsplit('=').next().unwrap_or(v).trim();
-                return Some(v.trim_matches(['\'', '"']).to_string());
-            }
-        }
-    }
-    std::fs::read_to_string(root.join("build-version"))
-        .ok()
-        .map(|s| s.trim().to_string())
 }

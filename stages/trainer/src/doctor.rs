@@ -40,7 +40,7 @@ pub fn torch_info() -> TorchInfo {
         .as_ref()
         .and_then(|p| p.parent())
         .map(Path::to_path_buf);
-    let version = library_dir.as_deref().and_then(read_version);
+    let version = library_dir.as_deref().and_then(crate::torch_version::read);
     TorchInfo {
         version,
         library_dir,
@@ -58,21 +58,4 @@ pub fn torch_info() -> TorchInfo {
         mkl: tch::utils::has_mkl(),
         openmp: tch::utils::has_openmp(),
     }
-}
-
-/// `torch/lib/../version.py` (a wheel) or `libtorch/lib/../build-version` (a libtorch zip).
-fn read_version(lib_dir: &Path) -> Option<String> {
-    let root = lib_dir.parent()?;
-    if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("__version__") {
-                let v = rest.trim_start_matches([' ', '=', ':']).trim();
-                let v = v.rsplit('=').next().unwrap_or(v).trim();
-                return Some(v.trim_matches(['\'', '"']).to_string());
-            }
-        }
-    }
-    std::fs::read_to_string(root.join("build-version"))
-        .ok()
-        .map(|s| s.trim().to_string())
 }

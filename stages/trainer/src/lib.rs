@@ -19,6 +19,7 @@ mod export;
 pub mod model;
 mod optim;
 mod safetensors;
+mod torch_version;
 mod trainer;
 
 use autoscale_train::{Job, JobHooks, TrainError};
