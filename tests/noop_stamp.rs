@@ -214,3 +214,28 @@ fn a_new_binary_or_a_missing_result_is_not_a_no_op() {
     assert!(!missing.from_stamp);
     assert_eq!(with_outcome(&missing.events, "executed"), ["fan[a]"]);
 }
+
+/// The demo's layout: the pipeline in `pipelines/`, `root: ..`, file inputs relative to the
+/// root, a folder input with several files and a subfolder. The stamp must stat the same files
+/// the run hashed.
+#[test]
+fn a_pipeline_with_a_root_elsewhere_gets_a_stamp() {
+    let ws = Workspace::new();
+    ws.write(
+        "pipelines/p.yaml",
+        &PIPELINE.replace("name: stamped\n", "name: stamped\nroot: ..\n"),
+    );
+    ws.write("data/x.txt", "one\n");
+    ws.write("data/y.txt", "y\n");
+    ws.write("data/sub/z.txt", "z\n");
+    age();
+    let mut all = vec!["--json", "run", "pipelines/p.yaml"];
+    let first = ws.cmd(&all).env("STAMP_TEST_MODE", "a").output().unwrap();
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    all.insert(0, "-v");
+    let second = ws.cmd(&all).env("STAMP_TEST_MODE", "a").output().unwrap();
+    let evs = events(&second);
+    let summary = evs.iter().find(|e| e["event"] == "summary").unwrap();
+    assert_eq!(summary["summary"]["from_stamp"], true, "{summary}");
+    assert_eq!(with_outcome(&evs, "cached").len(), 3);
+}

@@ -150,6 +150,8 @@ pub struct RunRecord {
 #[derive(Debug, Clone)]
 pub struct Before {
     taken_ns: i128,
+    /// The pipeline file, the overlays and the file inputs, each walked into `paths`.
+    roots: Vec<PathBuf>,
     paths: Vec<PathBuf>,
     files: Vec<(PathBuf, Stat)>,
     env: BTreeMap<String, String>,
@@ -186,6 +188,14 @@ fn walk(path: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+fn walk_all(roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    for root in roots {
+        walk(root, &mut paths);
+    }
+    paths
+}
+
 fn stats(paths: &[PathBuf]) -> Option<Vec<(PathBuf, Stat)>> {
     paths
         .iter()
@@ -198,26 +208,27 @@ impl Before {
     /// `None` when one of them cannot be read (the run will say why).
     pub fn take(invocation: &Invocation, pipeline: &Pipeline) -> Option<Before> {
         let taken_ns = now_ns();
-        let mut paths = vec![invocation.file.clone()];
-        paths.extend(invocation.overlays.iter().cloned());
+        let mut roots = vec![invocation.file.clone()];
+        roots.extend(invocation.overlays.iter().cloned());
         let mut inputs = Vec::new();
         let mut env = BTreeMap::new();
         for stage in &pipeline.stages {
             for input in stage.inputs.values() {
+                // Already joined to the pipeline's root.
                 if let InputRef::File(path) = input {
-                    inputs.push(std::path::absolute(pipeline.root.join(path)).ok()?);
+                    inputs.push(std::path::absolute(path).ok()?);
                 }
             }
             env.extend(stage.env.clone());
         }
         inputs.sort();
         inputs.dedup();
-        for input in &inputs {
-            walk(input, &mut paths);
-        }
+        roots.extend(inputs);
+        let paths = walk_all(&roots);
         let files = stats(&paths)?;
         Some(Before {
             taken_ns,
+            roots,
             paths,
             files,
             env,
@@ -233,16 +244,8 @@ impl Before {
             stages,
             warnings,
         } = run;
-        let mut paths = Vec::new();
-        for (path, stat) in &self.files {
-            // Re-walk folders: a file added during the run shows up here.
-            if stat.dir {
-                walk(path, &mut paths);
-            } else {
-                paths.push(path.clone());
-            }
-        }
-        paths.dedup();
+        // Walked again: a file added or removed during the run shows up here.
+        let paths = walk_all(&self.roots);
         if paths != self.paths || stats(&paths).as_ref() != Some(&self.files) {
             return;
         }
