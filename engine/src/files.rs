@@ -28,12 +28,25 @@ struct Stamp {
 
 /// A stamp is racy when the file changed less than this before it was hashed: timestamps are
 /// coarser than the clock on some filesystems.
-const RACY_NS: i128 = 2_000_000_000;
+pub(crate) const RACY_NS: i128 = 2_000_000_000;
 
-fn now_ns() -> i128 {
+pub(crate) fn now_ns() -> i128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// A file's mtime and ctime, in nanoseconds.
+pub(crate) fn change_times_ns(meta: &fs::Metadata) -> (i128, i128) {
+    (
+        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+    )
+}
+
+/// Git's racy rule: a file changed within [`RACY_NS`] of `at` may change again unseen.
+pub(crate) fn racy(mtime_ns: i128, ctime_ns: i128, at_ns: i128) -> bool {
+    mtime_ns.max(ctime_ns) + RACY_NS >= at_ns
 }
 
 /// Content digests of workspace files, remembered across runs in one small JSON file.
@@ -84,8 +97,7 @@ impl FileHasher {
 
     fn file_digest(&self, path: &Path, meta: &fs::Metadata) -> Result<ArtifactDigest, CacheError> {
         let abs = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
-        let ctime_ns = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
+        let (mtime_ns, ctime_ns) = change_times_ns(meta);
         let (size, ino) = (meta.len(), meta.ino());
         if let Ok(memo) = self.memo.lock()
             && let Some(s) = memo.0.get(&abs)
@@ -93,7 +105,7 @@ impl FileHasher {
             && s.mtime_ns == mtime_ns
             && s.ctime_ns == ctime_ns
             && s.ino == ino
-            && mtime_ns.max(ctime_ns) + RACY_NS < s.hashed_ns
+            && !racy(mtime_ns, ctime_ns, s.hashed_ns)
         {
             return Ok(s.digest);
         }

@@ -22,12 +22,11 @@ use std::path::{Path, PathBuf};
 use autoscale_cache::{ActionKey, Cache};
 use serde::{Deserialize, Serialize};
 
+use crate::files::{change_times_ns, now_ns, racy};
 use crate::pipeline::{InputRef, Pipeline};
 
 /// Bumped when the stamp's meaning changes.
 const STAMP_SCHEMA: u32 = 1;
-/// A file changed less than this before its stat was taken is racy (coarse timestamps).
-const RACY_NS: i128 = 2_000_000_000;
 
 /// What was asked: a stamp answers only the same question.
 #[derive(Debug, Clone, Serialize)]
@@ -70,17 +69,14 @@ struct Stat {
 impl Stat {
     fn of(path: &Path) -> Option<Stat> {
         let m = std::fs::metadata(path).ok()?;
+        let (mtime_ns, ctime_ns) = change_times_ns(&m);
         Some(Stat {
             size: if m.is_dir() { 0 } else { m.len() },
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+            mtime_ns,
+            ctime_ns,
             ino: m.ino(),
             dir: m.is_dir(),
         })
-    }
-
-    fn racy(&self, taken_ns: i128) -> bool {
-        self.mtime_ns.max(self.ctime_ns) + RACY_NS >= taken_ns
     }
 }
 
@@ -150,17 +146,10 @@ pub struct RunRecord {
 #[derive(Debug, Clone)]
 pub struct Before {
     taken_ns: i128,
-    /// The pipeline file, the overlays and the file inputs, each walked into `paths`.
+    /// The pipeline file, the overlays and the file inputs, each walked into `files`.
     roots: Vec<PathBuf>,
-    paths: Vec<PathBuf>,
     files: Vec<(PathBuf, Stat)>,
     env: BTreeMap<String, String>,
-}
-
-fn now_ns() -> i128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128)
 }
 
 fn stamp_path(cache_root: &Path, invocation: &Invocation) -> PathBuf {
@@ -171,36 +160,34 @@ fn stamp_path(cache_root: &Path, invocation: &Invocation) -> PathBuf {
         .join(format!("{}.json", invocation.id()))
 }
 
-/// Every file and folder under `path` (itself included), sorted. Symlinks are followed, as the
-/// input hashing follows them.
-fn walk(path: &Path, out: &mut Vec<PathBuf>) {
-    out.push(path.to_path_buf());
-    if !path.is_dir() {
-        return;
+/// Every file and folder under `path` (itself included), sorted, with its `stat`; `None` when
+/// one cannot be read. Symlinks are followed, as the input hashing follows them.
+fn walk(path: &Path, out: &mut Vec<(PathBuf, Stat)>) -> Option<()> {
+    let stat = Stat::of(path)?;
+    let dir = stat.dir;
+    out.push((path.to_path_buf(), stat));
+    if !dir {
+        return Some(());
     }
-    let Ok(entries) = std::fs::read_dir(path) else {
-        return;
-    };
-    let mut children: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    let mut children: Vec<PathBuf> = std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     children.sort();
     for child in children {
-        walk(&child, out);
+        walk(&child, out)?;
     }
+    Some(())
 }
 
-fn walk_all(roots: &[PathBuf]) -> Vec<PathBuf> {
-    let mut paths = Vec::new();
+/// [`walk`] over each root in turn.
+fn walk_all(roots: &[PathBuf]) -> Option<Vec<(PathBuf, Stat)>> {
+    let mut files = Vec::new();
     for root in roots {
-        walk(root, &mut paths);
+        walk(root, &mut files)?;
     }
-    paths
-}
-
-fn stats(paths: &[PathBuf]) -> Option<Vec<(PathBuf, Stat)>> {
-    paths
-        .iter()
-        .map(|p| Some((p.clone(), Stat::of(p)?)))
-        .collect()
+    Some(files)
 }
 
 impl Before {
@@ -224,12 +211,10 @@ impl Before {
         inputs.sort();
         inputs.dedup();
         roots.extend(inputs);
-        let paths = walk_all(&roots);
-        let files = stats(&paths)?;
+        let files = walk_all(&roots)?;
         Some(Before {
             taken_ns,
             roots,
-            paths,
             files,
             env,
         })
@@ -244,9 +229,8 @@ impl Before {
             stages,
             warnings,
         } = run;
-        // Walked again: a file added or removed during the run shows up here.
-        let paths = walk_all(&self.roots);
-        if paths != self.paths || stats(&paths).as_ref() != Some(&self.files) {
+        // Walked again: a file added, removed or changed during the run shows up here.
+        if walk_all(&self.roots).as_ref() != Some(&self.files) {
             return;
         }
         let Some(binary) = std::env::current_exe().ok().and_then(|e| Stat::of(&e)) else {
@@ -317,7 +301,9 @@ impl Stamp {
             }
         }
         for (path, stat) in &stamp.files {
-            if stat.racy(stamp.taken_ns) || Stat::of(path).as_ref() != Some(stat) {
+            if racy(stat.mtime_ns, stat.ctime_ns, stamp.taken_ns)
+                || Stat::of(path).as_ref() != Some(stat)
+            {
                 return None;
             }
         }

@@ -478,7 +478,7 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
         .arg(CHILD_SUBCOMMAND)
         .arg(&job_path)
         .arg("--identity")
-        .arg(crate::trainer_identity())
+        .arg(crate::TRAINER_IDENTITY)
         .current_dir(&ctx.work_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

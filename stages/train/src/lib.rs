@@ -55,21 +55,18 @@ pub const BUILD_HINT: &str = "build both binaries from one checkout: `bash examp
 python3 -m venv .venv && .venv/bin/pip install torch==2.13.0, then \
 PATH=$PWD/.venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 cargo build --release --workspace";
 
-/// What makes a training's result besides its params and data: the trainer's code (a digest of
-/// its sources, computed at build time, so `autoscale` and `autoscale-train` from one checkout
-/// agree) and the libtorch version it links. Part of every train/eval key; known without
-/// starting the trainer.
+/// A digest of the trainer's sources, computed at build time (build.rs), so `autoscale` and
+/// `autoscale-train` built from one checkout agree.
+pub const TRAINER_CODE: &str = env!("AUTOSCALE_TRAINER_CODE");
+
+/// What makes a training's result besides its params and data: the trainer's code and the
+/// libtorch version it links. Part of every train/eval key; known without starting the trainer.
 pub const TRAINER_IDENTITY: &str = concat!(
     "trainer ",
     env!("AUTOSCALE_TRAINER_CODE"),
     " libtorch ",
     libtorch_version!()
 );
-
-/// The trainer identity the kinds key on and send to the worker.
-pub fn trainer_identity() -> &'static str {
-    TRAINER_IDENTITY
-}
 
 /// Where the trainer binary is: `$AUTOSCALE_TRAINER` when set, else `autoscale-train` next to
 /// `exe` (the running `autoscale`). Only a `stat`; the trainer is not started.

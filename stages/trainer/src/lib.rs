@@ -40,10 +40,7 @@ pub fn identity() -> String {
         .unwrap_or("unknown");
     format!(
         "trainer {} libtorch {linked}",
-        autoscale_train::TRAINER_IDENTITY
-            .strip_prefix("trainer ")
-            .and_then(|rest| rest.split(' ').next())
-            .unwrap_or("unknown")
+        autoscale_train::TRAINER_CODE
     )
 }
 
