@@ -26,7 +26,7 @@ done
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check 'torch==2.13.0'
+.venv/bin/pip install --quiet --disable-pip-version-check --no-cache-dir 'torch==2.13.0'
 PATH="$PWD/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1 cargo build --release --locked --workspace
 
 ./target/release/autoscale run pipelines/tiny.yaml "$@"

@@ -76,6 +76,10 @@ pub struct StatusArgs {
     /// Only these stages and what they need (a fanned-out stage's id names all its children).
     #[arg(value_name = "STAGE")]
     pub targets: Vec<String>,
+    /// The CUDA devices a run would have, as `run --gpus` takes them: a `train` stage asking
+    /// for GPUs is keyed `cuda` with some, `cpu` with none [default: auto].
+    #[arg(long)]
+    pub gpus: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +102,19 @@ pub struct RunArgs {
     /// Show what would run, and why, without running it.
     #[arg(long)]
     pub dry_run: bool,
+    /// Where stages that are not cached run: `local` (here) or `slurm` (one sbatch job each)
+    /// [else $AUTOSCALE_EXECUTOR, else `executor` in ./autoscale.toml or the pipeline root's].
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorArg>,
+}
+
+/// `--executor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorArg {
+    /// Run stages on this machine.
+    Local,
+    /// Submit each stage as a Slurm job (settings: `[slurm]` in autoscale.toml).
+    Slurm,
 }
 
 #[derive(Debug, Args)]

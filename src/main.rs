@@ -4,6 +4,7 @@
 mod cli;
 mod mix;
 mod render;
+mod slurm;
 mod trainer;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use autoscale_engine::{
 };
 use clap::Parser;
 
+use autoscale_errors::Hint;
 use cli::{CacheCommand, Cli, Command, DagFormat, PipelineArgs};
 use render::{Failure, Reporter};
 
@@ -121,7 +123,7 @@ fn remote_config(
 fn remote_failure(e: RemoteError) -> Failure {
     let hint = e.hint();
     match hint {
-        Some(hint) => Failure::usage(autoscale_engine::error_text(&e), hint),
+        Some(hint) => Failure::usage(autoscale_errors::one_line(&e), hint),
         None => Failure::runtime(e),
     }
 }
@@ -161,13 +163,17 @@ fn dispatch_command(
         Command::Run(args) => run(args, cache_args, json, verbose),
         Command::Status(args) => {
             let invocation = invocation(&args.pipeline, &args.targets);
-            if let Some(stamp) = Stamp::check(&cache_root(cache_args), &invocation, &identity()) {
+            let gpus = gpu_spec(&args.gpus)?;
+            if let Some(stamp) = Stamp::check(&cache_root(cache_args), &invocation, &identity())
+                && stamp_gpus_match(&stamp, &gpus)
+            {
                 tracing::info!("no-op: answered from the stamp of the last run");
                 render::print_stamped_status(&stamp, json);
                 return Ok(exit::OK);
             }
             let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
-            let pipeline = pipeline.select(&args.targets).map_err(Failure::engine)?;
+            tell_gpus(&engine, &gpus, false);
+            let pipeline = select(&engine, pipeline, &args.targets)?;
             let status = engine.status(&pipeline);
             render::print_remote_warnings(&engine.cache().take_remote_warnings());
             let status = status.map_err(Failure::engine)?;
@@ -290,12 +296,139 @@ fn invocation(p: &PipelineArgs, targets: &[String]) -> Invocation {
     Invocation::new(&p.file, &p.with, &p.set, targets)
 }
 
+/// The stages `targets` name and what they need. A child of a run-time fan-out (`runs[a]`)
+/// exists once its source is cached: those fan-outs are expanded first when a target needs one.
+fn select(engine: &Engine, pipeline: Pipeline, targets: &[String]) -> Result<Pipeline, Failure> {
+    match pipeline.select(targets) {
+        Ok(selected) => Ok(selected),
+        Err(e)
+            if targets.iter().any(|t| t.contains('['))
+                && !pipeline.fanout_placeholders().is_empty() =>
+        {
+            let mut expanded = pipeline;
+            engine
+                .expand_cached_fanouts(&mut expanded)
+                .map_err(Failure::engine)?;
+            expanded.select(targets).map_err(|_| Failure::engine(e))
+        }
+        Err(e) => Err(Failure::engine(e)),
+    }
+}
+
+/// The executor `--executor`, `$AUTOSCALE_EXECUTOR` or `executor` in `autoscale.toml` (here,
+/// then the pipeline root) names; `None` runs stages here.
+fn executor(
+    args: &cli::RunArgs,
+    cache_args: &CacheArgs,
+    pipeline_root: &Path,
+) -> Result<Option<Arc<dyn autoscale_engine::Executor>>, Failure> {
+    let files: Vec<PathBuf> = [
+        std::env::current_dir().unwrap_or_default(),
+        pipeline_root.to_path_buf(),
+    ]
+    .iter()
+    .map(|dir| dir.join(autoscale_cache::remote::CONFIG_FILE))
+    .collect();
+    let mut config = None;
+    let named = match args.executor {
+        Some(e) => Some(e),
+        None => match std::env::var("AUTOSCALE_EXECUTOR")
+            .ok()
+            .filter(|v| !v.is_empty())
+        {
+            Some(v) => Some(parse_executor(&v, "$AUTOSCALE_EXECUTOR")?),
+            None => {
+                let read = slurm::ExecutorConfig::from_files(&files).map_err(config_failure)?;
+                let named = match &read.executor {
+                    Some((v, file)) => Some(parse_executor(v, &file.display().to_string())?),
+                    None => None,
+                };
+                config = Some(read);
+                named
+            }
+        },
+    };
+    if named != Some(cli::ExecutorArg::Slurm) {
+        return Ok(None);
+    }
+    // The files are read once: here, unless the flag or the environment named the executor.
+    let config = match config {
+        Some(read) => read,
+        None => slurm::ExecutorConfig::from_files(&files).map_err(config_failure)?,
+    };
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let node = slurm::NodeCommand {
+        file: absolute(&args.pipeline.file),
+        overlays: args.pipeline.with.iter().map(|p| absolute(p)).collect(),
+        sets: args.pipeline.set.clone(),
+        cache_dir: absolute(&cache_root(cache_args)),
+        workdir: std::env::current_dir().unwrap_or_default(),
+    };
+    let executor = slurm::SlurmExecutor::new(config.slurm, node).map_err(|e| {
+        Failure::usage(
+            e,
+            "run on a machine with the Slurm client tools, or drop --executor slurm",
+        )
+    })?;
+    Ok(Some(Arc::new(executor)))
+}
+
+fn parse_executor(value: &str, origin: &str) -> Result<cli::ExecutorArg, Failure> {
+    match value {
+        "local" => Ok(cli::ExecutorArg::Local),
+        "slurm" => Ok(cli::ExecutorArg::Slurm),
+        other => Err(Failure::usage(
+            format!("{origin}: unknown executor `{other}`"),
+            "write `local` or `slurm`",
+        )),
+    }
+}
+
+fn config_failure(message: String) -> Failure {
+    Failure::usage(message, "see \"Running on a Slurm cluster\" in the README")
+}
+
+/// `--gpus`, parsed.
+fn gpu_spec(arg: &Option<String>) -> Result<GpuSpec, Failure> {
+    match arg {
+        Some(spec) => GpuSpec::parse(spec).map_err(|e| {
+            Failure::usage(
+                format!("--gpus {spec}: {e}"),
+                "write `--gpus 0,1,3`, `--gpus none` or `--gpus auto`",
+            )
+        }),
+        None => Ok(GpuSpec::Auto),
+    }
+}
+
+/// Tells the engine, for keys computed outside a run (`status`, `--dry-run`), whether stages
+/// asking for GPUs would get them: yes through an executor that places GPU requests; else as
+/// `--gpus` says, `auto` left for the engine to resolve only if a key needs it.
+fn tell_gpus(engine: &Engine, gpus: &GpuSpec, elsewhere: bool) {
+    if elsewhere {
+        engine.set_gpus(true);
+    } else if *gpus != GpuSpec::Auto {
+        engine.set_gpus(!gpus.resolve().is_empty());
+    }
+}
+
+/// Whether a stamp whose keys depended on the presence of GPUs (`train` asking for them) was
+/// made with GPUs as present as they are now; a stamp whose keys did not always matches.
+fn stamp_gpus_match(stamp: &Stamp, gpus: &GpuSpec) -> bool {
+    // Resolved only when a key depended on it: `auto` may ask `nvidia-smi`.
+    stamp
+        .gpus_present
+        .is_none_or(|present| present != gpus.resolve().is_empty())
+}
+
 fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> Result<u8, Failure> {
     let invocation = invocation(&args.pipeline, &args.targets);
     let root = cache_root(cache_args);
+    let gpus = gpu_spec(&args.gpus)?;
     if !args.dry_run
         && let Some(stamp) = Stamp::check(&root, &invocation, &identity())
         && stamp.gpus == args.gpus
+        && stamp_gpus_match(&stamp, &gpus)
     {
         // Nothing moved since the last run that ended all cached or executed: answer from its
         // stamp, without parsing the pipeline or computing a key.
@@ -318,6 +451,7 @@ fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> R
                 key: Some(stage.key),
                 duration_ms: 0,
                 error: None,
+                hint: None,
                 log: None,
             });
         }
@@ -330,22 +464,15 @@ fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> R
         return Ok(exit::OK);
     }
     let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
-    let pipeline = pipeline.select(&args.targets).map_err(Failure::engine)?;
+    let executor = executor(&args, cache_args, &pipeline.root)?;
+    let pipeline = select(&engine, pipeline, &args.targets)?;
     if args.dry_run {
+        tell_gpus(&engine, &gpus, executor.is_some());
         let status = engine.status(&pipeline).map_err(Failure::engine)?;
         render::print_status(&pipeline.name, &status, json);
         render::print_remote_warnings(&engine.cache().take_remote_warnings());
         return Ok(exit::OK);
     }
-    let gpus = match &args.gpus {
-        Some(spec) => GpuSpec::parse(spec).map_err(|e| {
-            Failure::usage(
-                format!("--gpus {spec}: {e}"),
-                "write `--gpus 0,1,3`, `--gpus none` or `--gpus auto`",
-            )
-        })?,
-        None => GpuSpec::Auto,
-    };
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
     let _ = ctrlc::set_handler(move || {
@@ -359,6 +486,7 @@ fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> R
         gpus,
         keep_going: args.keep_going,
         cancel,
+        executor,
     };
     let reporter = Reporter::new(json, verbose, pipeline.stages.len());
     // Remote problems (down, slow, a bad entry) are shown as warnings as they happen.
@@ -415,6 +543,7 @@ fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> R
             let record = stamp::RunRecord {
                 pipeline: pipeline.name.clone(),
                 gpus: args.gpus.clone(),
+                gpus_present: engine.gpus_asked(),
                 stages,
                 warnings,
             };
@@ -554,14 +683,7 @@ fn cache_failure(e: autoscale_cache::CacheError) -> Failure {
         autoscale_cache::CacheError::Remote(
             e @ (RemoteError::NotConfigured | RemoteError::ReadOnly { .. }),
         ) => remote_failure(e),
-        other => {
-            let hint = other.hint();
-            let failure = Failure::runtime(other);
-            match hint {
-                Some(h) => failure.hint(h),
-                None => failure,
-            }
-        }
+        other => Failure::runtime(other),
     }
 }
 

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use crate::exit;
 use crate::render::Failure;
+use autoscale_errors::Hint;
 
 #[derive(Debug, Args)]
 pub struct MixArgs {

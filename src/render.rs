@@ -15,6 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::exit;
+use autoscale_errors::Hint;
 
 pub fn init_tracing(verbose: u8) {
     let level = match verbose {
@@ -24,9 +25,11 @@ pub fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("AUTOSCALE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colours only for a terminal: a log file or a pipe gets plain `key=value` fields.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -64,17 +67,13 @@ impl Failure {
         }
     }
 
-    pub fn runtime(e: impl std::error::Error) -> Self {
-        let mut causes = Vec::new();
-        let mut source = e.source();
-        while let Some(c) = source {
-            causes.push(c.to_string());
-            source = c.source();
-        }
+    /// Something failed at run time (exit 1): the error, its causes and its hint.
+    pub fn runtime(e: impl Hint) -> Self {
+        let mut chain = autoscale_errors::chain(&e).into_iter();
         Failure::Runtime {
-            message: e.to_string(),
-            causes,
-            hint: None,
+            message: chain.next().unwrap_or_default(),
+            causes: chain.collect(),
+            hint: e.hint(),
             code: exit::STAGE_FAILED,
         }
     }
@@ -250,10 +249,7 @@ impl Reporter {
                 ..
             } => {
                 let on = match devices {
-                    Some(d) => format!(
-                        " on GPU {}",
-                        d.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
-                    ),
+                    Some(d) => format!(" on GPU {}", autoscale_engine::Device::visible(&d)),
                     None => String::new(),
                 };
                 let again = if attempt > 1 {
@@ -295,6 +291,7 @@ impl Reporter {
                 outcome,
                 duration_ms,
                 error,
+                hint,
                 log,
                 ..
             } => {
@@ -313,6 +310,9 @@ impl Reporter {
                     Outcome::Failed => {
                         let mut text =
                             format!("  FAILED    {stage}: {}", error.unwrap_or_default());
+                        if let Some(hint) = hint {
+                            text.push_str(&format!("\n  hint: {hint}"));
+                        }
                         if let Some(log) = log {
                             text.push_str(&format!("\n  full log: {}", log.display()));
                         }
@@ -322,6 +322,7 @@ impl Reporter {
                         let why = error.map(|e| format!(" ({e})")).unwrap_or_default();
                         self.line(&format!("  skipped   {stage}{why}"));
                     }
+                    Outcome::Interrupted => self.line(&format!("  stopped   {stage}")),
                 }
             }
         }
@@ -339,9 +340,15 @@ impl Reporter {
             );
             return;
         }
-        let total = summary.executed + summary.cached + summary.failed + summary.skipped;
+        let total =
+            summary.executed + summary.cached + summary.failed + summary.skipped + summary.stopped;
+        let stopped = if summary.stopped > 0 {
+            format!(", {} stopped", summary.stopped)
+        } else {
+            String::new()
+        };
         let mut text = format!(
-            "{total} stages: {} executed, {} cached, {} failed, {} skipped in {:.2}s",
+            "{total} stages: {} executed, {} cached, {} failed, {} skipped{stopped} in {:.2}s",
             summary.executed,
             summary.cached,
             summary.failed,
@@ -525,7 +532,81 @@ pub fn print_show(stage: &str, dir: &Path, m: &Manifest, log: Option<&[u8]>, jso
     }
 }
 
+/// What a trainer of one's own fulfils to stand in for the `train` kind: a `command` stage fanned
+/// out of `ddo_plan` (proxies) or given a mixture input (targets). README, "Bring your own trainer".
+const TRAINER_CONTRACT: &[(&str, &str, &str)] = &[
+    (
+        "receives",
+        "params.tokens",
+        "the mixture as {domain: training tokens} (DDO's proxy runs)",
+    ),
+    (
+        "receives",
+        "params.total_tokens",
+        "the token budget, with weights as `params.weights` or a `weights` input (a mixture stage: weights.json {\"weights\": {domain: share}})",
+    ),
+    (
+        "receives",
+        "params.seed",
+        "the training seed (DDO's base replicates differ in it; `params.data_seed` when only the data is redrawn)",
+    ),
+    (
+        "receives",
+        "inputs.data",
+        "the training data: a `shard` stage (manifest.json + Arrow IPC shards) or any stage you name",
+    ),
+    (
+        "receives",
+        "AUTOSCALE_PARAMS_JSON",
+        "every param as one JSON object; scalars also as AUTOSCALE_PARAM_<NAME>",
+    ),
+    (
+        "receives",
+        "CUDA_VISIBLE_DEVICES",
+        "the GPUs the engine assigned (`resources: {gpus: N}`); empty: the CPU",
+    ),
+    (
+        "receives",
+        "AUTOSCALE_SCRATCH",
+        "a folder kept across a killed run of the same key: checkpoints to resume from",
+    ),
+    (
+        "writes",
+        "$AUTOSCALE_OUT/eval.json",
+        "{\"domains\": {domain: {\"loss\": nats per token, \"ppl\": e^loss}}}, what `ddo` and `report` read",
+    ),
+    (
+        "writes",
+        "eval.json `curve`",
+        "optional: [{\"step\": n, \"mean_loss\": x}], for the report's steps-to-loss speed-up",
+    ),
+];
+
 pub fn print_kinds(kinds: &KindRegistry, json: bool) {
+    print_kind_list(kinds, json);
+    let mut out = std::io::stdout().lock();
+    if json {
+        let items: Vec<_> = TRAINER_CONTRACT
+            .iter()
+            .map(|(dir, name, help)| json!({"direction": dir, "name": name, "help": help}))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{}",
+            json!({"contract": "trainer", "summary": "what a `command` stage fulfils to train in place of the `train` kind", "items": items})
+        );
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nA trainer of your own (a `command` stage in place of `train`; example: examples/trainers/hf_clm.py)"
+    );
+    for (dir, name, help) in TRAINER_CONTRACT {
+        let _ = writeln!(out, "  {dir:<9} {name:<26} {help}");
+    }
+}
+
+fn print_kind_list(kinds: &KindRegistry, json: bool) {
     let mut out = std::io::stdout().lock();
     for name in kinds.names() {
         let Some(kind) = kinds.get(name) else {
@@ -536,11 +617,16 @@ pub fn print_kinds(kinds: &KindRegistry, json: bool) {
             let _ = writeln!(
                 out,
                 "{}",
-                json!({"kind": name, "version": kind.version(), "summary": kind.summary(), "params": params})
+                json!({"kind": name, "version": kind.implementation().version, "libraries": kind.implementation().libraries(), "summary": kind.summary(), "params": params})
             );
             continue;
         }
-        let _ = writeln!(out, "{name} (v{}): {}", kind.version(), kind.summary());
+        let _ = writeln!(
+            out,
+            "{name} (v{}): {}",
+            kind.implementation().version,
+            kind.summary()
+        );
         for p in kind.params() {
             let req = if p.required { "required" } else { "optional" };
             let _ = writeln!(
@@ -579,7 +665,7 @@ pub fn print_cache_list(list: &[ActionSummary], json: bool) {
             out,
             "{} cached results, {}",
             list.len(),
-            human_bytes(list.iter().map(|a| a.bytes).sum())
+            human_bytes(list.iter().fold(0u64, |n, a| n.saturating_add(a.bytes)))
         );
     }
 }

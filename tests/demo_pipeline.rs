@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{Workspace, stderr, with_outcome};
 use serde_json::Value;
@@ -20,8 +20,40 @@ struct Fanout {
     targets: usize,
 }
 
-/// Runs `pipeline --with overlay` end to end, checks the fan-out, the report and the reruns, and
-/// returns the report's directory contents as (report.md, results.json).
+/// A cached stage's output folder (`autoscale show`), for the run `args` (file, then flags).
+fn output_dir(ws: &Workspace, args: &[&str], stage: &str) -> PathBuf {
+    let mut show_args = vec!["--json", "show", args[0], stage];
+    show_args.extend_from_slice(&args[1..]);
+    let show = ws.run(&show_args);
+    assert_eq!(show.status.code(), Some(0), "{}", stderr(&show));
+    let shown: Value = serde_json::from_slice(&show.stdout).expect("json");
+    PathBuf::from(shown["dir"].as_str().expect("dir"))
+}
+
+/// Runs `pipeline --with overlay...` end to end, checks the fan-out and the report, and returns
+/// the report's directory contents as (report.md, results.json).
+fn first_run(ws: &Workspace, args: &[&str], fanout: &Fanout) -> (String, Value) {
+    let (code, events) = ws.run_json(args);
+    let failed: Vec<_> = events.iter().filter(|e| e["outcome"] == "failed").collect();
+    assert_eq!(code, 0, "failures: {failed:?}");
+    let executed = with_outcome(&events, "executed");
+    let count = |prefix: &str| executed.iter().filter(|s| s.starts_with(prefix)).count();
+    assert_eq!(count("proxy_small["), fanout.proxies, "{executed:?}");
+    assert_eq!(count("proxy_large["), fanout.proxies, "{executed:?}");
+    assert_eq!(count("target["), fanout.targets, "{executed:?}");
+
+    let dir = output_dir(ws, args, "report");
+    let report = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
+    assert!(report.contains("AutoScale"), "{report}");
+    assert!(dir.join("report.html").is_file());
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).expect("results"))
+            .expect("json");
+    (report, results)
+}
+
+/// [`first_run`], then: a second run executes nothing, and a new target budget reruns only the
+/// predictor, the target trainings and the report.
 fn demo(
     ws: &Workspace,
     pipeline: &str,
@@ -35,26 +67,7 @@ fn demo(
         pipeline.to_str().expect("utf8"),
         overlay.to_str().expect("utf8"),
     );
-    let (code, events) = ws.run_json(&[p, "--with", o]);
-    let failed: Vec<_> = events.iter().filter(|e| e["outcome"] == "failed").collect();
-    assert_eq!(code, 0, "failures: {failed:?}");
-    let executed = with_outcome(&events, "executed");
-    let count = |prefix: &str| executed.iter().filter(|s| s.starts_with(prefix)).count();
-    assert_eq!(count("proxy_small["), fanout.proxies, "{executed:?}");
-    assert_eq!(count("proxy_large["), fanout.proxies, "{executed:?}");
-    assert_eq!(count("target["), fanout.targets, "{executed:?}");
-
-    let show = ws.run(&["--json", "show", p, "report", "--with", o]);
-    assert_eq!(show.status.code(), Some(0), "{}", stderr(&show));
-    let shown: Value = serde_json::from_slice(&show.stdout).expect("json");
-    let dir = Path::new(shown["dir"].as_str().expect("dir"));
-    let report = std::fs::read_to_string(dir.join("report.md")).expect("report.md");
-    assert!(report.contains("AutoScale"), "{report}");
-    assert!(dir.join("report.html").is_file());
-    let results: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).expect("results"))
-            .expect("json");
-
+    let (report, results) = first_run(ws, &[p, "--with", o], &fanout);
     let (code, events) = ws.run_json(&[p, "--with", o]);
     assert_eq!(code, 0);
     assert!(
@@ -113,6 +126,83 @@ fn the_tiny_gpt_smoke_pipeline_runs_end_to_end_and_a_rerun_executes_nothing() {
         },
     );
     assert!(report.contains("AutoScale"), "{report}");
+}
+
+/// Whether `python3` (the one a `command` stage runs) has what examples/trainers/hf_clm.py needs.
+/// Skips loudly, unless CI requires the check (`AUTOSCALE_REQUIRE_TRANSFORMERS`).
+fn python_has_transformers() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import torch, transformers, pyarrow, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("AUTOSCALE_REQUIRE_TRANSFORMERS").is_none(),
+            "AUTOSCALE_REQUIRE_TRANSFORMERS is set, but python3 cannot import torch, transformers, pyarrow and numpy"
+        );
+        eprintln!("skipped: python3 cannot import torch, transformers, pyarrow and numpy");
+    }
+    ok
+}
+
+/// The method with a trainer users bring: pipelines/tiny_hf.yaml trains every proxy and target
+/// with examples/trainers/hf_clm.py (GPT-2 on `transformers`) through the `command` kind; the
+/// DDO, predictor and report stages read its eval.json as they read the built-in trainer's.
+#[test]
+fn the_method_runs_with_the_hugging_face_trainer_in_place_of_the_built_in_one() {
+    if !python_has_transformers() {
+        return;
+    }
+    let ws = Workspace::new();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pipeline = repo.join("pipelines/tiny_hf.yaml");
+    let smoke = repo.join("pipelines/smoke.yaml");
+    // Three of the seven domains in the mixture (all seven are still scored): 2 base seeds + 2 x 3
+    // perturbed runs per scale, each a Python process that imports torch and transformers.
+    let three = ws.write("three.yaml", "params: {domains: [books, code, web]}\n");
+    let args = [
+        pipeline.to_str().expect("utf8"),
+        "--with",
+        smoke.to_str().expect("utf8"),
+        "--with",
+        three.to_str().expect("utf8"),
+    ];
+    let (report, results) = first_run(
+        &ws,
+        &args,
+        &Fanout {
+            proxies: 8,
+            targets: 9,
+        },
+    );
+    assert!(report.contains("hf_clm.py"), "{report}");
+    assert!(results.is_object(), "{results}");
+
+    // A proxy trained on exactly the tokens DDO planned for it, and scored every domain.
+    let dir = output_dir(&ws, &args, "proxy_small[code-x3]");
+    let eval: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).expect("eval.json"))
+            .expect("json");
+    let budget = eval["train"]["budget"].as_object().expect("budget");
+    let planned: u64 = budget.values().filter_map(Value::as_u64).sum();
+    assert_eq!(budget.len(), 3, "{eval}");
+    assert!(
+        budget["code"].as_u64() > budget["books"].as_u64(),
+        "code scaled up: {eval}"
+    );
+    assert!(planned > 0, "{eval}");
+    assert_eq!(
+        eval["domains"].as_object().expect("domains").len(),
+        7,
+        "{eval}"
+    );
+
+    let (code, events) = ws.run_json(&args);
+    assert_eq!(code, 0);
+    assert!(
+        with_outcome(&events, "executed").is_empty(),
+        "a rerun executes nothing"
+    );
 }
 
 /// A pipeline in which one domain's data only hurts: DDO at two scales with a synthetic trainer

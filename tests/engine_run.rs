@@ -120,6 +120,7 @@ fn explain_and_show_report_the_record_and_outputs() {
 fn a_stage_killed_mid_run_leaves_no_cache_entry_and_the_next_run_completes() {
     let ws = Workspace::new();
     let marker = ws.path().join("slow");
+    let (began, ended) = (ws.path().join("began"), ws.path().join("ended"));
     std::fs::write(&marker, "").expect("marker");
     ws.write(
         "p.yaml",
@@ -133,9 +134,11 @@ stages:
   - id: slow
     kind: command
     inputs: {{q: quick}}
-    cmd: "echo partial > $AUTOSCALE_OUT/half.txt; if [ -f {marker} ]; then sleep 60; fi; echo done > $AUTOSCALE_OUT/full.txt"
+    cmd: "echo partial > $AUTOSCALE_OUT/half.txt; touch {began}; if [ -f {marker} ]; then sleep 60; fi; echo done > $AUTOSCALE_OUT/full.txt; touch {ended}"
 "#,
-            marker = marker.display()
+            marker = marker.display(),
+            began = began.display(),
+            ended = ended.display(),
         ),
     );
     let mut child = ws
@@ -146,16 +149,28 @@ stages:
         .expect("spawn");
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let line = lines.next().expect("a line").expect("utf8");
+    let mut started = false;
+    for line in lines.by_ref() {
+        let line = line.expect("utf8");
         if line.contains("\"started\"") && line.contains("\"slow\"") {
+            started = true;
             break;
         }
     }
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(started, "the run reported `slow` started");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !began.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The kill lands mid-run: the stage has begun and not ended, and the engine still runs.
+    assert!(began.exists(), "the stage's command began");
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the engine is still running"
+    );
     child.kill().expect("SIGKILL");
     let _ = child.wait();
+    assert!(!ended.exists(), "the kill came before the stage ended");
     let ls = stdout_of(&ws, &["--json", "cache", "ls"]);
     // `quick` may or may not be committed when the kill comes; `slow` must not be.
     assert!(
@@ -251,37 +266,17 @@ fn gpu_stages_get_their_own_devices_four_at_a_time() {
     let ws = Workspace::new();
     let trace = ws.path().join("trace");
     std::fs::create_dir_all(&trace).expect("trace dir");
-    ws.write(
-        "p.yaml",
-        &format!(
-            r#"
-name: gpus
-stages:
-  - id: train
-    kind: command
-    foreach: [0, 1, 2, 3, 4, 5, 6, 7]
-    resources: {{gpus: 1}}
-    cmd: "echo start $(date +%s%N) $CUDA_VISIBLE_DEVICES > {t}/${{item}}; sleep 0.6; echo end $(date +%s%N) >> {t}/${{item}}; echo ${{item}} > $AUTOSCALE_OUT/x"
-"#,
-            t = trace.display()
-        ),
-    );
+    ws.write("p.yaml", &common::gpu_trace_pipeline(&trace, 8, 0.6));
     let (code, events) = ws.run_json(&["p.yaml", "--gpus", "0,1,2,3", "--jobs", "8"]);
     assert_eq!(code, 0);
     assert_eq!(with_outcome(&events, "executed").len(), 8);
-    // (start, end, device) per stage, from what the stages saw.
-    let mut spans = Vec::new();
-    for i in 0..8 {
-        let text = std::fs::read_to_string(trace.join(i.to_string())).expect("trace");
-        let words: Vec<&str> = text.split_whitespace().collect();
-        let start: u128 = words[1].parse().expect("start");
-        let device = words[2].to_string();
-        let end: u128 = words[4].parse().expect("end");
+    // (start, end, device) per stage, from what the stages saw; never two at once on one.
+    let spans = common::gpu_spans(&trace, 8);
+    for (_, _, device) in &spans {
         assert!(
             ["0", "1", "2", "3"].contains(&device.as_str()),
             "one device each, got `{device}`"
         );
-        spans.push((start, end, device));
     }
     // The most stages running at one instant: count at every start.
     let max_overlap = spans
@@ -289,16 +284,6 @@ stages:
         .map(|a| spans.iter().filter(|b| b.0 <= a.0 && a.0 < b.1).count())
         .max()
         .unwrap_or(0);
-    for (i, a) in spans.iter().enumerate() {
-        for (j, b) in spans.iter().enumerate() {
-            if i != j && b.0 < a.1 && a.0 < b.1 {
-                assert_ne!(
-                    a.2, b.2,
-                    "two concurrent stages saw the same CUDA_VISIBLE_DEVICES"
-                );
-            }
-        }
-    }
     assert_eq!(max_overlap, 4, "four devices, four at a time");
     let started: Vec<_> = events.iter().filter(|e| e["event"] == "started").collect();
     assert!(
@@ -371,6 +356,14 @@ stages:
             .contains("about to fail"),
         "the log tail is in the error"
     );
+    // `status` says the stage failed last time, and where its log is.
+    let out = ws.run(&["status", "p.yaml"]);
+    let text = common::stdout(&out);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("bad") && l.contains("failed last run (log: ")),
+        "{text}"
+    );
     let (code, events) = ws.run_json(&["p.yaml", "--keep-going"]);
     assert_eq!(code, 1);
     assert_eq!(
@@ -412,6 +405,20 @@ fn a_missing_declared_output_fails_the_stage() {
             .as_str()
             .unwrap_or_default()
             .contains("`model.bin`"),
+        "{failed}"
+    );
+    // The hint is a field of its own in JSON, not folded into the message.
+    assert!(
+        failed["hint"]
+            .as_str()
+            .is_some_and(|h| h.contains("$AUTOSCALE_OUT")),
+        "{failed}"
+    );
+    assert!(
+        !failed["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("hint:"),
         "{failed}"
     );
 }
@@ -548,6 +555,13 @@ fn ctrl_c_stops_the_children_caches_nothing_half_done_and_the_next_run_resumes()
     let out = child.wait_with_output().expect("wait");
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("0 failed") && stderr(&out).contains("1 stopped"),
+        "an interrupted stage did not fail: {}",
+        stderr(&out)
+    );
+    let status = common::stdout(&ws.run(&["status", "p.yaml"]));
+    assert!(!status.contains("failed last run"), "{status}");
     // The stage's shell is gone (its process group got SIGTERM).
     let alive = std::path::Path::new(&format!("/proc/{stage_pid}")).exists();
     assert!(!alive, "the stage's process was stopped");
@@ -710,4 +724,124 @@ fn a_hardlinked_output_is_copied_not_adopted() {
     );
     let verify = ws.run(&["cache", "verify"]);
     assert_eq!(verify.status.code(), Some(0), "{}", stdout(&verify));
+}
+
+/// The issue's repros of tampered cache content: a file replaced in a result's output folder,
+/// and a result whose blobs and folder are both gone. Neither is served: the entry is set aside,
+/// `status` says why, the stage reruns and its dependent reads the right bytes.
+#[test]
+fn a_tampered_or_vanished_result_is_recomputed_not_served() {
+    let ws = Workspace::new();
+    ws.write(
+        "p.yaml",
+        r#"
+name: tamper
+stages:
+  - id: make
+    kind: command
+    cmd: "echo good > $AUTOSCALE_OUT/v.txt"
+  - id: use
+    kind: command
+    inputs: {v: make/v.txt}
+    cmd: "cat $AUTOSCALE_INPUT_V > $AUTOSCALE_OUT/copy.txt"
+"#,
+    );
+    assert_eq!(ws.run_json(&["p.yaml"]).0, 0);
+    // A second run writes the no-op stamp: the tampering must get past it too.
+    assert_eq!(ws.run_json(&["p.yaml"]).0, 0);
+    let dir = output_dir(&ws, "p.yaml", "make");
+    let file = dir.join("v.txt");
+    std::fs::remove_file(&file).expect("rm");
+    std::fs::write(&file, "evil\n").expect("replace");
+    let status = stdout_of(&ws, &["status", "p.yaml"]);
+    assert!(status.contains("found broken and set aside"), "{status}");
+    let (code, events) = ws.run_json(&["p.yaml"]);
+    assert_eq!(code, 0);
+    assert_eq!(with_outcome(&events, "executed"), ["make"]);
+    let copy = output_dir(&ws, "p.yaml", "use").join("copy.txt");
+    assert_eq!(std::fs::read_to_string(&copy).expect("read"), "good\n");
+    let verify = ws.run(&["cache", "verify"]);
+    assert_eq!(verify.status.code(), Some(0), "{}", stdout(&verify));
+
+    // Both the output folder and the blob gone: a miss, not "cached" forever.
+    let dir = output_dir(&ws, "p.yaml", "make");
+    let blobs = ws.cache().join("v1/blobs");
+    let digest = blake3::hash(b"good\n").to_hex().to_string();
+    let mut perms = std::fs::metadata(&dir).expect("dir").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&dir, perms).expect("chmod");
+    std::fs::remove_dir_all(&dir).expect("rm out");
+    std::fs::remove_file(blobs.join(&digest[..2]).join(&digest)).expect("rm blob");
+    let (code, events) = ws.run_json(&["p.yaml"]);
+    assert_eq!(code, 0, "{events:?}");
+    assert_eq!(with_outcome(&events, "executed"), ["make"]);
+}
+
+/// A run that takes over the lock of a holder that died kills the stage group the holder's
+/// lock file records, if it still runs: here a `sleep` in a session of its own, as a process
+/// that escaped its guard would be.
+#[test]
+fn taking_over_a_dead_holders_lock_kills_the_group_it_left_running() {
+    let ws = Workspace::new();
+    ws.write(
+        "p.yaml",
+        "name: takeover\nstages:\n  - id: s\n    kind: command\n    cmd: \"echo ok > $AUTOSCALE_OUT/r\"\n",
+    );
+    let status: Vec<serde_json::Value> = stdout_of(&ws, &["--json", "status", "p.yaml"])
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let key = status
+        .iter()
+        .find_map(|e| e["state"]["key"].as_str().or(e["key"].as_str()))
+        .expect("the stage's key")
+        .to_string();
+    // The escaped writer: a group of its own, still running. (Waited for below; a panic on the
+    // way leaves a `sleep 60` behind, which is harmless.)
+    #[allow(clippy::zombie_processes)]
+    let mut stray = std::process::Command::new("setsid")
+        .args(["sleep", "60"])
+        .spawn()
+        .expect("spawn setsid sleep");
+    let pgid = stray.id() as i32;
+    std::thread::sleep(Duration::from_millis(100));
+    let stat = std::fs::read_to_string(format!("/proc/{pgid}/stat")).expect("stat");
+    let start: u64 = stat[stat.rfind(')').expect(")") + 1..]
+        .split_whitespace()
+        .nth(19)
+        .expect("field 22")
+        .parse()
+        .expect("start time");
+    // Its holder: a process that has exited.
+    let mut dead = std::process::Command::new("true").spawn().expect("true");
+    let dead_pid = dead.id();
+    dead.wait().expect("wait");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname");
+    let lock = ws
+        .cache()
+        .join("v1/locks")
+        .join(&key[..2])
+        .join(format!("{key}.lock"));
+    std::fs::create_dir_all(lock.parent().expect("parent")).expect("mkdir");
+    let record = serde_json::json!({
+        "pid": dead_pid, "host": host.trim(), "since_unix": 0, "label": "takeover/s",
+        "group": {"pgid": pgid, "leader_start": start},
+    });
+    std::fs::write(&lock, record.to_string()).expect("write the lock file");
+    let (code, events) = ws.run_json(&["p.yaml"]);
+    assert_eq!(code, 0, "{events:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut gone = None;
+    while Instant::now() < deadline {
+        gone = stray.try_wait().expect("try_wait");
+        if gone.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if gone.is_none() {
+        let _ = stray.kill();
+        let _ = stray.wait();
+    }
+    assert!(gone.is_some(), "the dead holder's group was killed");
 }

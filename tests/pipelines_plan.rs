@@ -166,3 +166,53 @@ stages:
         "after the run every planned stage is cached"
     );
 }
+
+#[test]
+fn yaml_1_1_booleans_stay_strings() {
+    // YAML 1.2's core schema: `y`, `no`, `on`, `off` are the names they look like, not booleans
+    // (which would also make two `foreach` items collide as `true`).
+    let ws = Workspace::new();
+    ws.write(
+        "p.yaml",
+        r#"
+name: booleans
+stages:
+  - id: flag
+    kind: command
+    foreach: [y, n, on, off, yes, no, true]
+    cmd: "echo ${item} > $AUTOSCALE_OUT/x"
+"#,
+    );
+    let ids: Vec<String> = status(&ws, "p.yaml")
+        .iter()
+        .map(|s| s["stage"].as_str().expect("stage id").to_string())
+        .collect();
+    for item in ["y", "n", "on", "off", "yes", "no", "true"] {
+        assert!(ids.contains(&format!("flag[{item}]")), "{item}: {ids:?}");
+    }
+}
+
+#[test]
+fn a_stages_slurm_settings_are_not_part_of_its_key() {
+    // Where a result was computed does not change it: moving a stage to another partition
+    // keeps its cached result.
+    let ws = Workspace::new();
+    let stage =
+        "name: k\nstages:\n  - id: a\n    kind: command\n    cmd: \"echo hi > $AUTOSCALE_OUT/x\"\n";
+    ws.write("plain.yaml", stage);
+    ws.write(
+        "placed.yaml",
+        &format!(
+            "{stage}    slurm: {{partition: gpu, time: \"1:00:00\", extra: [\"--constraint=h100\"]}}\n"
+        ),
+    );
+    let key = |file: &str| status(&ws, file)[0]["key"].clone();
+    assert_eq!(key("plain.yaml"), key("placed.yaml"));
+    ws.write(
+        "typo.yaml",
+        &format!("{stage}    slurm: {{partiton: gpu}}\n"),
+    );
+    let out = ws.run(&["status", "typo.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("partiton"), "{}", stderr(&out));
+}

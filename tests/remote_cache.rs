@@ -665,7 +665,7 @@ fn untrusted_entries_are_refused(remote: &dyn TestRemote) {
     let original: Value = serde_json::from_slice(&remote.read(&name)).expect("entry");
     type Tamper = fn(&mut Value);
     let cases: [(&str, Tamper); 4] = [
-        ("escapes", |v| {
+        ("not a plain relative path", |v| {
             v["manifest"]["files"][0]["path"] = "../../../../etc/cron.d/evil".into()
         }),
         ("schema version 99", |v| v["manifest"]["schema"] = 99.into()),
@@ -838,6 +838,34 @@ fn push_and_pull_sync_explicitly(remote: &dyn TestRemote) {
     );
 }
 
+/// Four members finish the same stages at the same moment: the create-only uploads race, every
+/// run succeeds without a warning, and the remote ends with one complete entry per stage.
+fn concurrent_members_publish_each_result_once(remote: &dyn TestRemote) {
+    let members: Vec<Member<'_>> = (0..4).map(|_| member(remote)).collect();
+    let children: Vec<_> = members
+        .iter()
+        .map(|m| {
+            m.cmd(&["--json", "run", "p.yaml"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn a member's run")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let events = common::events(&out);
+        assert!(warnings(&events).is_empty(), "{:?}", warnings(&events));
+    }
+    assert_eq!(entries(remote).len(), STAGES.len(), "{:?}", entries(remote));
+    assert_entries_complete(remote);
+    let first = members[0].output("report", "report.txt");
+    for m in &members[1..] {
+        assert_eq!(m.output("report", "report.txt"), first);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 macro_rules! against_both {
@@ -869,6 +897,7 @@ against_both!(
     a_killed_upload_leaves_no_entry_without_its_blobs,
     untrusted_entries_are_refused,
     push_and_pull_sync_explicitly,
+    concurrent_members_publish_each_result_once,
 );
 
 #[test]

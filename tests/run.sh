@@ -16,6 +16,10 @@ if ! command -v python3 >/dev/null 2>&1; then
   exit 1
 fi
 rustup component add clippy rustfmt >/dev/null 2>&1 || true
+# Disk: the torch wheel is ~4.7 GB installed; pip's cache would keep a second copy of it, and
+# incremental compilation data (~1.5 GB here) buys nothing for one build on a fresh machine.
+export PIP_NO_CACHE_DIR=1
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 # One venv for the Python the tests use. moto[server]: the S3-compatible server on 127.0.0.1
 # that tests/remote_cache.rs starts; in CI those tests must run, not skip.
@@ -38,6 +42,14 @@ export AUTOSCALE_REQUIRE_TRAINER=1
 # torch-sys finds libtorch in the venv's torch wheel; the trainer gets an rpath to it (its build.rs).
 torch_cargo() { PATH="$PWD/.venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1 cargo "$@"; }
 
+# A single-node Slurm cluster from Debian's packages (slurmctld, slurmd, munge; four fake GPUs) for
+# tests/slurm.rs, stopped when this script exits; in CI those tests must run, not skip.
+echo "== Slurm test cluster"
+bash tests/slurm/cluster.sh start
+trap 'bash tests/slurm/cluster.sh stop || true' EXIT
+eval "$(bash tests/slurm/cluster.sh env)"
+export AUTOSCALE_REQUIRE_SLURM=1
+
 echo "== formatting and lints (the default members without libtorch, then the whole workspace)"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
@@ -45,6 +57,7 @@ torch_cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== Python tools"
 python3 examples/proxy/ngram_proxy.py --self-test
+.venv/bin/python examples/trainers/hf_clm.py --self-test
 
 # One build of the tests, the whole workspace: the trainer binary lands next to `autoscale`,
 # where the train tests find it; clippy above checks that the default members build alone.

@@ -65,6 +65,8 @@ stages:
       tokens: {books: 40960, code: 40960, web: 20480}
       seq_len: 32
       batch_size: 8
+      # Two data-parallel replicas (4 rows each): the kill below resumes them from a checkpoint.
+      replicas: 2
       lr: 0.003
       threads: 1
       checkpoint_every: 10
@@ -168,6 +170,7 @@ fn a_killed_training_resumes_from_its_checkpoint_and_eval_scores_held_out_domain
     let resumed = eval["train"]["resumed_from_step"].as_u64().unwrap_or(0);
     assert!(resumed >= 10, "resumed from {resumed}: {}", eval["train"]);
     assert_eq!(eval["train"]["steps"], 400);
+    assert_eq!(eval["train"]["replicas"], 2);
     assert_eq!(
         eval["domains"]
             .as_object()
@@ -289,8 +292,8 @@ stages:
     );
 }
 
-/// Without a trainer, a train pipeline still plans (its key names the trainer's identity,
-/// compiled into `autoscale`), and running it fails the stage with the build command.
+/// Without a trainer, a train pipeline still plans (its key names the trainer's implementation
+/// and libtorch, compiled into `autoscale`), and running it fails the stage with the build command.
 #[test]
 fn without_a_trainer_train_stages_plan_and_fail_with_the_build_hint() {
     let (ws, pipeline) = fixture_workspace();
@@ -308,10 +311,11 @@ fn without_a_trainer_train_stages_plan_and_fail_with_the_build_hint() {
         .output()
         .unwrap();
     let explained = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        explained.contains("\"implementation\":\"trainer "),
-        "{explained}"
+    let libtorch = format!(
+        "\"implementation\":\"tch 0.26.0, libtorch {}\"",
+        autoscale_train::LIBTORCH_VERSION
     );
+    assert!(explained.contains(&libtorch), "{explained}");
     let out = ws
         .cmd(&["--json", "run", p])
         .env("AUTOSCALE_TRAINER", &missing)
@@ -356,5 +360,97 @@ fn a_trainer_built_from_other_code_refuses_the_job() {
             .unwrap_or_default()
             .contains("cargo build"),
         "{said}"
+    );
+}
+
+/// A training that asks for a GPU and one command stage that does, on a machine without one.
+const GPU_FALLBACK: &str = r#"
+name: gpu-fallback
+stages:
+  - id: train
+    kind: train
+    inputs: {data: "file:corpus"}
+    resources: {gpus: 1}
+    params:
+      model: gpt2-tiny
+      model_overrides: {n_layer: 1}
+      tokens: {books: 4096}
+      seq_len: 32
+      batch_size: 4
+      threads: 1
+      eval_every: 0
+      eval_tokens: 512
+  - id: tool
+    kind: command
+    resources: {gpus: 1}
+    cmd: "echo hi > $AUTOSCALE_OUT/x"
+"#;
+
+/// `status --json` as stage -> state.
+fn states(out: &std::process::Output) -> Vec<(String, String)> {
+    events(out)
+        .iter()
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap_or_default().to_string(),
+                s["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// With no GPU, a training that asks for one runs on the CPU, keyed `cpu fp32`; a machine with
+/// GPUs (here `CUDA_VISIBLE_DEVICES`, as a Slurm allocation sets it) would train in bf16, so it
+/// is not served that result: `status` leaves the stamp and says it would rerun, and `explain`
+/// says why. A `command` stage's key does not depend on the device.
+#[test]
+fn a_cpu_fallback_training_is_not_served_to_a_run_with_gpus() {
+    if common::trainer().is_none() {
+        return;
+    }
+    let ws = Workspace::new();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    copy_dir(
+        &repo.join("tests/fixtures/corpus"),
+        &ws.path().join("corpus"),
+    );
+    let pipeline = ws.write("gpu.yaml", GPU_FALLBACK);
+    let p = pipeline.to_str().unwrap();
+    let out = ws.run(&["--json", "run", p]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(with_outcome(&events(&out), "executed"), ["tool", "train"]);
+
+    let cached = |s: &[(String, String)]| s.iter().all(|(_, state)| state == "cached");
+    let here = ws.run(&["--json", "status", p]);
+    assert!(cached(&states(&here)), "{:?}", states(&here));
+    let none = ws.run(&["--json", "status", "--gpus", "none", p]);
+    assert!(cached(&states(&none)), "{:?}", states(&none));
+
+    let with_gpus = |args: &[&str]| {
+        ws.cmd(args)
+            .env("CUDA_VISIBLE_DEVICES", "0")
+            .output()
+            .unwrap()
+    };
+    for out in [
+        with_gpus(&["--json", "status", p]),
+        ws.run(&["--json", "status", "--gpus", "0", p]),
+    ] {
+        let s = states(&out);
+        assert_eq!(
+            s,
+            [
+                ("train".to_string(), "will_run".to_string()),
+                ("tool".to_string(), "cached".to_string())
+            ],
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let why = with_gpus(&["explain", p, "train"]);
+    let text = String::from_utf8_lossy(&why.stdout);
+    assert!(
+        text.contains("device changed: cpu fp32 -> cuda bf16-matmul fp32-master"),
+        "{text}"
     );
 }

@@ -23,6 +23,10 @@ pub fn hash_file(path: &Path) -> Result<ArtifactDigest, CacheError> {
     Ok(hasher.finalize().into())
 }
 
+fn len_of(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(u64::MAX)
+}
+
 impl Cache {
     /// Where a blob lives when stored raw.
     pub fn blob_path(&self, digest: &ArtifactDigest) -> PathBuf {
@@ -57,7 +61,8 @@ impl Cache {
         }
         let digest = hash_file(path)?;
         let target = self.blob_path(&digest);
-        if target.exists() {
+        // An existing blob of another size was damaged: the fresh bytes replace it.
+        if fs::metadata(&target).is_ok_and(|blob| blob.len() == len_of(path)) {
             fs::remove_file(path).map_err(io_err(path))?;
             return Ok(digest);
         }
@@ -122,7 +127,9 @@ impl Cache {
         }
         match self.read_blob(digest) {
             Ok(bytes) => Ok(ArtifactDigest::from(blake3::hash(&bytes)) == *digest),
-            Err(CacheError::MissingBlob { .. }) => Ok(false),
+            // Missing, or a compressed blob that no longer decodes: damaged, which `verify`
+            // reports rather than fails on.
+            Err(CacheError::MissingBlob { .. } | CacheError::Io { .. }) => Ok(false),
             Err(e) => Err(e),
         }
     }

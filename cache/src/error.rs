@@ -1,3 +1,4 @@
+use autoscale_errors::Hint;
 use std::path::PathBuf;
 
 /// Everything that can go wrong in the cache, each with the path it concerns.
@@ -21,8 +22,12 @@ pub enum CacheError {
         found: u32,
         expected: u32,
     },
-    #[error("output path `{0}` escapes the output directory or is not valid UTF-8")]
+    #[error(
+        "output path `{0}` is not a plain relative path inside the output directory (`/`-separated, no empty, `.` or `..` part, no NUL, valid UTF-8)"
+    )]
     BadOutputPath(PathBuf),
+    #[error("output path `{0}` is listed twice, or as a file and as a folder")]
+    ConflictingOutputPath(PathBuf),
     #[error("output `{path}` is a {what}; outputs must be regular files or directories")]
     UnsupportedFileType { path: PathBuf, what: &'static str },
     #[error("blob {digest} is missing from the cache")]
@@ -31,9 +36,9 @@ pub enum CacheError {
     Remote(#[from] crate::RemoteError),
 }
 
-impl CacheError {
+impl Hint for CacheError {
     /// What the person can do about it, when there is something to say.
-    pub fn hint(&self) -> Option<String> {
+    fn hint(&self) -> Option<String> {
         match self {
             CacheError::Remote(e) => e.hint(),
             _ => None,

@@ -12,6 +12,7 @@
 mod blob;
 mod digest;
 mod error;
+mod health;
 mod lock;
 mod maintenance;
 mod manifest;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 pub use blob::hash_file;
 pub use digest::{ActionKey, ArtifactDigest, DigestParseError, tree_digest};
 pub use error::CacheError;
-pub use lock::{KeyLock, LockHolder};
+pub use lock::{KeyLock, LockHolder, ProcessGroup};
 pub use maintenance::{ActionSummary, GcOptions, GcReport, VerifyProblem, VerifyReport};
 pub use manifest::{FileEntry, MANIFEST_SCHEMA, Manifest, PendingAction, StageTimings};
 pub use remote::{
@@ -45,6 +46,7 @@ pub const LAYOUT_VERSION: &str = "v1";
 ///   tmp/<key>/                staging area of a running action, removed on commit
 ///   scratch/<key>/            an action's resumable scratch space (checkpoints)
 ///   refs/                     small indexes a caller keeps (for example the last key per stage)
+///   quarantine/<key>.json     the manifest of an entry found broken, with <key>.why beside it
 /// ```
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -72,7 +74,16 @@ impl Cache {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, CacheError> {
         let root = root.into();
         let base = root.join(LAYOUT_VERSION);
-        for sub in ["blobs", "actions", "out", "locks", "tmp", "scratch", "refs"] {
+        for sub in [
+            "blobs",
+            "actions",
+            "out",
+            "locks",
+            "tmp",
+            "scratch",
+            "refs",
+            "quarantine",
+        ] {
             let dir = base.join(sub);
             std::fs::create_dir_all(&dir).map_err(|source| CacheError::Io {
                 path: dir.clone(),
@@ -204,5 +215,29 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError +
     move |source| CacheError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// What the unit tests of several modules share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::{ActionKey, Cache, Manifest, StageTimings};
+
+    /// Commits one action of key `blake3([n])` whose output is a file `f` holding `content`.
+    pub fn commit(cache: &Cache, n: u8, content: &str) -> Manifest {
+        let key = ActionKey::from(blake3::hash(&[n]));
+        let lock = cache.lock(&key, "t").unwrap();
+        let staging = cache.staging(&lock).unwrap();
+        std::fs::write(staging.join("out/f"), content).unwrap();
+        let p = cache
+            .ingest(
+                lock,
+                b"",
+                serde_json::Value::Null,
+                serde_json::json!({"n": n}),
+                StageTimings::default(),
+            )
+            .unwrap();
+        cache.commit(vec![p]).unwrap().remove(0)
     }
 }

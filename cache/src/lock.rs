@@ -1,8 +1,9 @@
-//! Per-key locks: an advisory `flock` on a file that also records who holds it. The kernel drops
-//! the lock when its holder dies, so a dead holder's lock is taken over without any guessing.
+//! Per-key locks: an advisory `flock` on a file that also records who holds it and the process
+//! group of the stage it runs. The kernel drops the lock when its holder dies, so a dead
+//! holder's lock is taken over without any guessing; the new holder learns the dead one's
+//! record ([`KeyLock::previous`]), and with it a process group that may still be writing.
 
 use std::fs;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,6 +19,18 @@ pub struct LockHolder {
     pub since_unix: u64,
     /// What the holder is doing, for example `pipeline/stage`.
     pub label: String,
+    /// The process group of the stage running under the lock, once it has started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<ProcessGroup>,
+}
+
+/// A stage's process group, as recorded in its key's lock file: enough for a later holder to
+/// kill it if its holder died, and not an unrelated group that reused the id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessGroup {
+    pub pgid: i32,
+    /// The group leader's start time (`/proc/<pid>/stat`, clock ticks since boot).
+    pub leader_start: u64,
 }
 
 /// An exclusive lock on one action key, released on drop.
@@ -26,8 +39,12 @@ pub struct KeyLock {
     key: ActionKey,
     /// Names this holding of the lock, so each attempt stages into a folder of its own.
     attempt: String,
+    holder: LockHolder,
+    /// What the lock file said before this holder took it: a holder that died, or one that
+    /// released it.
+    previous: Option<LockHolder>,
     // Held for its lock; closing the file releases it.
-    _file: fs::File,
+    file: fs::File,
 }
 
 impl KeyLock {
@@ -37,6 +54,24 @@ impl KeyLock {
 
     pub(crate) fn attempt(&self) -> &str {
         &self.attempt
+    }
+
+    /// The record the lock file held before this holder took it.
+    pub fn previous(&self) -> Option<&LockHolder> {
+        self.previous.as_ref()
+    }
+
+    /// Records the process group of the stage now running under this lock, for a holder that
+    /// takes the lock over if this process dies (see [`KeyLock::previous`]).
+    pub fn record_group(&self, group: ProcessGroup) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let holder = LockHolder {
+            group: Some(group),
+            ..self.holder.clone()
+        };
+        let bytes = serde_json::to_vec(&holder).unwrap_or_default();
+        self.file.set_len(0)?;
+        self.file.write_all_at(&bytes, 0)
     }
 }
 
@@ -95,6 +130,11 @@ impl Cache {
         path: &std::path::Path,
         label: &str,
     ) -> Result<KeyLock, CacheError> {
+        let previous = {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut bytes).map_err(io_err(path))?;
+            serde_json::from_slice::<LockHolder>(&bytes).ok()
+        };
         let holder = LockHolder {
             pid: std::process::id(),
             host: rustix::system::uname()
@@ -106,10 +146,11 @@ impl Cache {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             label: label.to_string(),
+            group: None,
         };
         let bytes = serde_json::to_vec(&holder).unwrap_or_default();
         file.set_len(0).map_err(io_err(path))?;
-        file.write_all(&bytes).map_err(io_err(path))?;
+        std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0).map_err(io_err(path))?;
         static ATTEMPTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = ATTEMPTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let nanos = SystemTime::now()
@@ -118,7 +159,9 @@ impl Cache {
         Ok(KeyLock {
             key,
             attempt: format!("{}.{n}.{nanos:08x}", holder.pid),
-            _file: file,
+            holder,
+            previous,
+            file,
         })
     }
 }
@@ -137,6 +180,26 @@ mod tests {
         assert_eq!(holder.pid, std::process::id());
         assert_eq!(holder.label, "p/a");
         drop(held);
-        assert!(cache.try_lock(&key, "p/b").unwrap().is_ok());
+        let taken = cache.try_lock(&key, "p/b").unwrap().unwrap();
+        assert_eq!(taken.previous().unwrap().label, "p/a");
+    }
+
+    #[test]
+    fn the_stage_group_is_recorded_for_the_next_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let key = ActionKey::from(blake3::hash(b"g"));
+        let held = cache.lock(&key, "p/a").unwrap();
+        let group = ProcessGroup {
+            pgid: 4242,
+            leader_start: 7,
+        };
+        held.record_group(group).unwrap();
+        let seen = cache.try_lock(&key, "p/b").unwrap().unwrap_err().unwrap();
+        assert_eq!(seen.group, Some(group));
+        assert_eq!(seen.label, "p/a");
+        drop(held);
+        let next = cache.lock(&key, "p/b").unwrap();
+        assert_eq!(next.previous().unwrap().group, Some(group));
     }
 }

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::manifest::parse_manifest;
-use crate::{ActionKey, ArtifactDigest, Cache, CacheError, Manifest, io_err};
+use crate::{ActionKey, ArtifactDigest, Cache, CacheError, Manifest, hash_file, io_err};
 
 /// One line of `cache ls`.
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +36,8 @@ pub struct VerifyReport {
     pub problems: Vec<VerifyProblem>,
     /// Staging directories no live process holds: what a killed run left, removed by `gc`.
     pub stale_staging: Vec<PathBuf>,
+    /// Entries with a problem, set aside (`quarantine/`): the next run recomputes them.
+    pub set_aside: Vec<ActionKey>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -100,10 +102,15 @@ impl Cache {
         Ok(list)
     }
 
-    /// Re-hashes every blob that a manifest references and checks every output tree.
+    /// Re-hashes every blob that a manifest references and checks every output tree: each
+    /// file is the blob's own inode or hashes to its digest, and nothing else is in the tree.
+    /// An entry with a problem is set aside ([`Cache::quarantine`]), so that the next run
+    /// recomputes it, and a blob whose bytes do not hash to its name is deleted, so that no
+    /// recomputed entry can be deduplicated onto it.
     pub fn verify(&self) -> Result<VerifyReport, CacheError> {
         let mut report = VerifyReport::default();
         let mut checked: HashSet<ArtifactDigest> = HashSet::new();
+        let mut corrupt: BTreeSet<ArtifactDigest> = BTreeSet::new();
         for (path, manifest, _) in self.manifests()? {
             report.actions += 1;
             let manifest = match manifest {
@@ -111,7 +118,7 @@ impl Cache {
                 Err(e) => {
                     report.problems.push(VerifyProblem {
                         path,
-                        problem: error_chain(&e),
+                        problem: autoscale_errors::one_line(&e),
                     });
                     continue;
                 }
@@ -125,10 +132,15 @@ impl Cache {
                     path: path.clone(),
                     problem: format!("file name does not match its key {}", manifest.key),
                 });
+                continue;
             }
+            let mut problems = Vec::new();
             for digest in manifest.files.iter().map(|f| f.digest).chain(manifest.log) {
                 if checked.insert(digest) && !self.blob_is_intact(&digest)? {
-                    report.problems.push(VerifyProblem {
+                    corrupt.insert(digest);
+                }
+                if corrupt.contains(&digest) {
+                    problems.push(VerifyProblem {
                         path: self.blob_path(&digest),
                         problem: format!(
                             "blob {digest} is missing or its bytes do not hash to its name"
@@ -136,25 +148,17 @@ impl Cache {
                     });
                 }
             }
-            let out = self.output_dir(&manifest.key);
-            for file in &manifest.files {
-                let p = out.join(&file.path);
-                match fs::metadata(&p) {
-                    Ok(meta) if meta.len() == file.size => {}
-                    Ok(meta) => report.problems.push(VerifyProblem {
-                        path: p,
-                        problem: format!(
-                            "size {} differs from the manifest's {}",
-                            meta.len(),
-                            file.size
-                        ),
-                    }),
-                    // A removed tree is rebuilt from blobs on use; not a problem.
-                    Err(_) if !out.exists() => break,
-                    Err(e) => report.problems.push(VerifyProblem {
-                        path: p,
-                        problem: e.to_string(),
-                    }),
+            problems.extend(self.check_tree(&manifest)?);
+            if let Some(first) = problems.first() {
+                self.quarantine(&manifest.key, first)?;
+                report.set_aside.push(manifest.key);
+            }
+            report.problems.extend(problems);
+        }
+        for digest in &corrupt {
+            for path in [self.blob_path(digest), self.compressed_blob_path(digest)] {
+                if path.exists() {
+                    fs::remove_file(&path).map_err(io_err(&path))?;
                 }
             }
         }
@@ -162,7 +166,7 @@ impl Cache {
         for entry in fs::read_dir(self.base.join("tmp")).map_err(io_err(&self.base))? {
             let entry = entry.map_err(io_err(&self.base))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Ok(key) = name.parse::<ActionKey>()
+            if let Some(key) = staging_key(&name)
                 && let Ok(Ok(_lock)) = self.try_lock(&key, "verify")
             {
                 report.stale_staging.push(entry.path());
@@ -184,6 +188,14 @@ impl Cache {
                         .as_ref()
                         .is_none_or(|keep| keep.contains(&m.key)) =>
                 {
+                    // A broken entry is never kept: it could not be served anyway.
+                    if let Some(problem) = self.check_entry(&m)? {
+                        report.actions_removed += 1;
+                        if !options.dry_run {
+                            self.quarantine(&m.key, &problem)?;
+                        }
+                        continue;
+                    }
                     live.push((path, m, modified));
                 }
                 _ => {
@@ -202,7 +214,7 @@ impl Cache {
             for (i, (_, m, _)) in live.iter().enumerate() {
                 for f in &m.files {
                     if seen.insert(f.digest) {
-                        total += f.size;
+                        total = total.saturating_add(f.size);
                     }
                 }
                 if total > cap {
@@ -244,7 +256,12 @@ impl Cache {
                 for entry in fs::read_dir(self.base.join(dir)).map_err(io_err(&self.base))? {
                     let entry = entry.map_err(io_err(&self.base))?;
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    let Ok(key) = name.parse::<ActionKey>() else {
+                    if dir == "tmp" && left_by_a_dead_process(&name) {
+                        let path = entry.path();
+                        let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+                        continue;
+                    }
+                    let Some(key) = staging_key(&name) else {
                         continue;
                     };
                     if dir == "out" && live_keys.contains(&name) {
@@ -256,8 +273,77 @@ impl Cache {
                     }
                 }
             }
+            let quarantine = self.base.join("quarantine");
+            for entry in fs::read_dir(&quarantine).map_err(io_err(&quarantine))? {
+                let path = entry.map_err(io_err(&quarantine))?.path();
+                fs::remove_file(&path).map_err(io_err(&path))?;
+            }
         }
         Ok(report)
+    }
+}
+
+/// The key of a `tmp/` or `out/` folder: `<key>` or a staging attempt's `<key>.<attempt>`.
+fn staging_key(name: &str) -> Option<ActionKey> {
+    name.split('.').next()?.parse().ok()
+}
+
+/// Whether a `tmp/` temp file or folder (`.<label>.<pid>.<n>`) belongs to a process that is
+/// gone: a killed run's half-written blob, manifest or materialized tree.
+fn left_by_a_dead_process(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    let Some(pid) = rest.split('.').nth(1).and_then(|p| p.parse::<i32>().ok()) else {
+        return false;
+    };
+    rustix::process::Pid::from_raw(pid)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH))
+}
+
+impl Cache {
+    /// What is wrong with an entry's output tree, if it is there: a file that is neither the
+    /// blob's inode nor hashes to its digest, a missing file, or a file the result never had.
+    fn check_tree(&self, manifest: &Manifest) -> Result<Vec<VerifyProblem>, CacheError> {
+        use std::os::unix::fs::MetadataExt;
+        let out = self.output_dir(&manifest.key);
+        if !out.is_dir() {
+            // Rebuilt from blobs on use; the blobs were checked above.
+            return Ok(Vec::new());
+        }
+        let mut problems = Vec::new();
+        let mut expected = HashSet::new();
+        for file in &manifest.files {
+            let path = out.join(&file.path);
+            expected.insert(path.clone());
+            let problem = match fs::symlink_metadata(&path) {
+                Err(e) => Some(e.to_string()),
+                Ok(meta) if !meta.is_file() => Some("is not a regular file".into()),
+                Ok(meta) if meta.len() != file.size => Some(format!(
+                    "size {} differs from the manifest's {}",
+                    meta.len(),
+                    file.size
+                )),
+                Ok(meta) => {
+                    let blob = fs::metadata(self.blob_path(&file.digest));
+                    let same = blob.is_ok_and(|b| b.dev() == meta.dev() && b.ino() == meta.ino());
+                    (!same && hash_file(&path)? != file.digest)
+                        .then(|| format!("its bytes do not hash to {}", file.digest.short()))
+                }
+            };
+            if let Some(problem) = problem {
+                problems.push(VerifyProblem { path, problem });
+            }
+        }
+        for path in walk_files(&out)? {
+            if !expected.contains(&path) {
+                problems.push(VerifyProblem {
+                    path,
+                    problem: "is not part of the cached result".into(),
+                });
+            }
+        }
+        Ok(problems)
     }
 }
 
@@ -284,38 +370,10 @@ fn unix_secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::StageTimings;
-
-    fn commit(cache: &Cache, n: u8, content: &str) -> Manifest {
-        let key = ActionKey::from(blake3::hash(&[n]));
-        let lock = cache.lock(&key, "t").unwrap();
-        let staging = cache.staging(&lock).unwrap();
-        fs::write(staging.join("out/f"), content).unwrap();
-        let p = cache
-            .ingest(
-                lock,
-                b"",
-                serde_json::Value::Null,
-                serde_json::json!({"n": n}),
-                StageTimings::default(),
-            )
-            .unwrap();
-        cache.commit(vec![p]).unwrap().remove(0)
-    }
+    use crate::testing::commit;
 
     #[test]
     fn verify_finds_a_tampered_blob() {

@@ -92,7 +92,10 @@ impl Manifest {
     }
 
     pub fn total_size(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum()
+        // Saturating: a hand-edited manifest may claim sizes that overflow.
+        self.files
+            .iter()
+            .fold(0u64, |n, f| n.saturating_add(f.size))
     }
 }
 
@@ -115,6 +118,15 @@ impl Cache {
             return Ok(Some(manifest));
         }
         Ok(self.remote.as_ref().and_then(|r| r.fetch(self, key)))
+    }
+
+    /// As [`Cache::lookup`], asking the remote again even where it lacked the key before: for
+    /// a result another machine was computing, and may have uploaded since.
+    pub fn lookup_again(&self, key: &ActionKey) -> Result<Option<Manifest>, CacheError> {
+        if let Some(remote) = &self.remote {
+            remote.forget(key);
+        }
+        self.lookup(key)
     }
 
     /// Where a key's entry is, without downloading anything: the local manifest, or the remote
@@ -143,7 +155,8 @@ impl Cache {
         }
     }
 
-    /// Looks a key up in this cache only.
+    /// Looks a key up in this cache only. An entry found broken ([`Cache::check_entry`]) is
+    /// set aside and is a miss.
     pub fn lookup_local(&self, key: &ActionKey) -> Result<Option<Manifest>, CacheError> {
         let path = self.manifest_path(key);
         let mut file = match fs::File::open(&path) {
@@ -154,6 +167,10 @@ impl Cache {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io_err(&path))?;
         let manifest = parse_manifest(&path, &bytes)?;
+        if let Some(problem) = self.check_entry(&manifest)? {
+            self.quarantine(key, &problem)?;
+            return Ok(None);
+        }
         if let Ok(modified) = file.metadata().and_then(|m| m.modified())
             && modified.elapsed().is_ok_and(|age| age > TOUCH_AFTER)
             && let Ok(f) = fs::File::options().append(true).open(&path)
@@ -275,11 +292,9 @@ impl Cache {
         } else {
             Some(self.put_bytes(log)?)
         };
+        // Left by a run that was killed before its manifest was written, or by a broken entry.
         let dir = self.output_dir(&key);
-        if dir.exists() {
-            // Left by a run that was killed before its manifest was written.
-            fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
-        }
+        crate::health::remove_tree(&dir)?;
         fs::rename(&tree, &dir).map_err(io_err(&dir))?;
         Ok(PendingAction {
             manifest: Manifest {
@@ -372,13 +387,25 @@ pub(crate) fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, Cach
             expected: MANIFEST_SCHEMA,
         });
     }
+    // Paths are relative, `/`-separated, with no empty, `.` or `..` segment and no NUL: the
+    // exact spelling `collect_files` writes, so a path names one file one way.
     for file in &manifest.files {
-        let p = Path::new(&file.path);
-        if p.is_absolute()
-            || p.components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
-            return Err(CacheError::BadOutputPath(p.to_path_buf()));
+        let bad_segment = |s: &str| s.is_empty() || s == "." || s == ".." || s.contains('\0');
+        if file.path.split('/').any(bad_segment) {
+            return Err(CacheError::BadOutputPath(PathBuf::from(&file.path)));
+        }
+    }
+    // No tree holds one path twice, or a path as a file and as a folder (`a` and `a/b`).
+    let mut seen = std::collections::HashSet::with_capacity(manifest.files.len());
+    for file in &manifest.files {
+        if !seen.insert(file.path.as_str()) {
+            return Err(CacheError::ConflictingOutputPath(file.path.clone().into()));
+        }
+    }
+    for file in &manifest.files {
+        let mut folders = file.path.match_indices('/').map(|(i, _)| &file.path[..i]);
+        if folders.any(|folder| seen.contains(folder)) {
+            return Err(CacheError::ConflictingOutputPath(file.path.clone().into()));
         }
     }
     Ok(manifest)
@@ -510,5 +537,35 @@ mod tests {
             parse_manifest(p, traversal.to_string().as_bytes()),
             Err(CacheError::BadOutputPath(_))
         ));
+        let mut conflicting = traversal.clone();
+        conflicting["files"] = serde_json::json!([
+            {"path": "a", "digest": d, "size": 0},
+            {"path": "a/b", "digest": d, "size": 0},
+        ]);
+        assert!(matches!(
+            parse_manifest(p, conflicting.to_string().as_bytes()),
+            Err(CacheError::ConflictingOutputPath(_))
+        ));
+        // A path that sorts between `a` and `a/b` does not hide the conflict.
+        conflicting["files"] = serde_json::json!([
+            {"path": "a/b", "digest": d, "size": 0},
+            {"path": "a b", "digest": d, "size": 0},
+            {"path": "a", "digest": d, "size": 0},
+        ]);
+        assert!(matches!(
+            parse_manifest(p, conflicting.to_string().as_bytes()),
+            Err(CacheError::ConflictingOutputPath(_))
+        ));
+        for bad in ["a\0b", "a//b", "a/./b", "", "a/", "/a"] {
+            let mut odd = traversal.clone();
+            odd["files"] = serde_json::json!([{"path": bad, "digest": d, "size": 0}]);
+            assert!(
+                matches!(
+                    parse_manifest(p, odd.to_string().as_bytes()),
+                    Err(CacheError::BadOutputPath(_))
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Errors a person can act on: each names the file, line and column, and gives a hint.
 
+use autoscale_errors::Hint;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -46,6 +47,24 @@ impl ConfigError {
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
         self
+    }
+
+    /// A hint, unless the error has one already.
+    pub fn or_hint(self, hint: impl Into<String>) -> Self {
+        if self.hint.is_some() {
+            self
+        } else {
+            self.hint(hint)
+        }
+    }
+
+    /// The error as said of input `name` of stage `stage`, at `location`.
+    pub fn at_input(self, name: &str, stage: &str, location: Option<SourceLoc>) -> Self {
+        Self {
+            message: format!("input `{name}` of stage `{stage}`: {}", self.message),
+            location,
+            ..self
+        }
     }
 
     /// The source line the location points at, for a snippet.
@@ -110,13 +129,22 @@ pub enum EngineError {
     Resources { message: String, hint: String },
     #[error("no stage `{id}` in the pipeline")]
     UnknownStage { id: String, hint: Option<String> },
+    /// The cache refused a finished stage's result (a full disk, lost permissions): not the
+    /// user's input, and nothing was cached half-way.
+    #[error("could not commit to the cache: {message}")]
+    Commit { message: String },
 }
 
-impl EngineError {
-    pub fn hint(&self) -> Option<String> {
+impl Hint for EngineError {
+    fn hint(&self) -> Option<String> {
         match self {
             EngineError::Resources { hint, .. } => Some(hint.clone()),
             EngineError::UnknownStage { hint, .. } => hint.clone(),
+            EngineError::Commit { .. } => Some(
+                "check free space and permissions of the cache directory; the stages that \
+                 ran are not cached, and a rerun runs them again"
+                    .into(),
+            ),
             _ => None,
         }
     }

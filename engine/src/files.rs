@@ -79,7 +79,8 @@ impl FileHasher {
             return self.file_digest(path, &meta);
         }
         let mut files = Vec::new();
-        collect(path, path, &mut files)?;
+        let mut seen = std::collections::HashSet::from([(meta.dev(), meta.ino())]);
+        collect(path, path, &mut files, &mut seen)?;
         files.sort();
         let mut entries = Vec::with_capacity(files.len());
         for (rel, full) in files {
@@ -96,6 +97,16 @@ impl FileHasher {
     }
 
     fn file_digest(&self, path: &Path, meta: &fs::Metadata) -> Result<ArtifactDigest, CacheError> {
+        if !meta.is_file() {
+            // A device or FIFO would never end (`/dev/zero`) or block the hasher.
+            return Err(CacheError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a regular file (a device, FIFO or socket); inputs are hashed by content",
+                ),
+            });
+        }
         let abs = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let (mtime_ns, ctime_ns) = change_times_ns(meta);
         let (size, ino) = (meta.len(), meta.ino());
@@ -148,7 +159,14 @@ impl FileHasher {
     }
 }
 
-fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<(), CacheError> {
+/// The files under `dir`, following symlinks; `seen` holds the folders above this one, so that a
+/// symlink back up the tree is refused instead of walked forever.
+fn collect(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, PathBuf)>,
+    seen: &mut std::collections::HashSet<(u64, u64)>,
+) -> Result<(), CacheError> {
     let io = |source| CacheError::Io {
         path: dir.to_path_buf(),
         source,
@@ -156,8 +174,22 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<
     for entry in fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
         let path = entry.path();
-        if path.is_dir() {
-            collect(root, &path, out)?;
+        let meta = fs::metadata(&path).map_err(|source| CacheError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            if !seen.insert((meta.dev(), meta.ino())) {
+                return Err(CacheError::Io {
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "a symlink loops back to a folder the input already holds",
+                    ),
+                });
+            }
+            collect(root, &path, out, seen)?;
+            seen.remove(&(meta.dev(), meta.ino()));
         } else {
             // A name that is not UTF-8 cannot enter the tree digest as it is; skipping it
             // would let its changes go unseen, so it is refused.

@@ -16,9 +16,14 @@ pub struct KeyRecord {
     pub schema: u32,
     pub kind: String,
     pub kind_version: u32,
-    /// [`crate::StageKind::implementation`]; absent for kinds wholly inside this binary.
+    /// The libraries of [`crate::StageKind::implementation`]; absent when no library shapes
+    /// the kind's results.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub implementation: Option<String>,
+    /// The device class and precision of [`crate::StageKind::device_identity`]; absent for
+    /// kinds whose results do not depend on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     pub params: Value,
     pub env: BTreeMap<String, String>,
     /// Input name to the content digest of what it points at (not the upstream's key, so an
@@ -51,17 +56,25 @@ impl KeyRecord {
             reasons.push(format!("kind changed `{}` -> `{}`", old.kind, self.kind));
         } else if old.kind_version != self.kind_version {
             reasons.push(format!(
-                "`{}` implementation version changed {} -> {}",
+                "implementation of `{}` changed: version {} -> {}",
                 self.kind, old.kind_version, self.kind_version
             ));
         }
         if old.kind == self.kind && old.implementation != self.implementation {
             let show = |i: &Option<String>| i.clone().unwrap_or_else(|| "none".into());
             reasons.push(format!(
-                "`{}` implementation changed: {} -> {}",
+                "implementation of `{}` changed: {} -> {}",
                 self.kind,
                 show(&old.implementation),
                 show(&self.implementation)
+            ));
+        }
+        if old.device != self.device {
+            let show = |d: &Option<String>| d.clone().unwrap_or_else(|| "none".into());
+            reasons.push(format!(
+                "device changed: {} -> {}",
+                show(&old.device),
+                show(&self.device)
             ));
         }
         let mut old_leaves = BTreeMap::new();
@@ -204,6 +217,7 @@ mod tests {
             kind: "command".into(),
             kind_version: 1,
             implementation: None,
+            device: None,
             params,
             env: BTreeMap::new(),
             inputs: BTreeMap::new(),
@@ -250,16 +264,31 @@ mod tests {
         let value = plain.to_value();
         assert!(value.get("implementation").is_none(), "{value}");
         let mut a = plain.clone();
-        a.implementation = Some("trainer 1111 libtorch 2.13.0".into());
+        a.implementation = Some("tch 0.26.0, libtorch 2.13.0".into());
         let mut b = plain.clone();
-        b.implementation = Some("trainer 2222 libtorch 2.13.0".into());
+        b.implementation = Some("tch 0.26.0, libtorch 2.14.0".into());
         assert_ne!(a.key(), plain.key());
         assert_ne!(a.key(), b.key());
         assert_eq!(
             b.changes_since(&a),
             vec![
-                "`command` implementation changed: trainer 1111 libtorch 2.13.0 -> trainer 2222 libtorch 2.13.0"
+                "implementation of `command` changed: tch 0.26.0, libtorch 2.13.0 -> tch 0.26.0, libtorch 2.14.0"
             ]
+        );
+    }
+
+    /// A key is a function of its record alone: no build, version or path of this binary
+    /// goes into it, so a new `autoscale` (an engine or CLI edit) serves every existing result.
+    /// If this fails, the key derivation changed and every cache in the world is invalidated:
+    /// that needs a `CACHE_SCHEMA` bump and a line in the changelog, not a new literal here.
+    #[test]
+    fn a_key_is_a_fixed_function_of_its_record() {
+        let mut r = record(json!({"cmd": "echo hi", "lr": 0.5}));
+        r.inputs
+            .insert("data".into(), ArtifactDigest::from(blake3::hash(b"data")));
+        assert_eq!(
+            r.key().to_hex(),
+            "69950764c50505f8f059eeda47ddebd89cdfca4cdc73aa4abbae02258d832aa0"
         );
     }
 }

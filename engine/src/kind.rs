@@ -114,6 +114,15 @@ pub enum StageError {
     Cancelled,
 }
 
+impl autoscale_errors::Hint for StageError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            StageError::Failed { hint, .. } => hint.clone(),
+            StageError::Cancelled => None,
+        }
+    }
+}
+
 impl StageError {
     pub fn failed(message: impl Into<String>) -> Self {
         StageError::Failed {
@@ -146,28 +155,67 @@ pub struct StageContext<'a> {
     /// Everything the stage prints goes here; it is kept with the result.
     pub log_path: PathBuf,
     /// The CUDA devices this stage owns, or `None` to run on the CPU.
-    pub devices: Option<Vec<u32>>,
+    pub devices: Option<Vec<crate::Device>>,
     /// The values of the env variables the stage declared.
     pub env: &'a BTreeMap<String, String>,
     pub cancel: &'a AtomicBool,
     pub progress: &'a (dyn Fn(Value) + Sync),
+    /// Told the process group of each process the stage starts (see
+    /// [`StageContext::started_group`]).
+    pub on_group: &'a (dyn Fn(rustix::process::Pid) + Sync),
 }
 
 impl StageContext<'_> {
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
+
+    /// A kind that starts a process group calls this at once: the engine records the group
+    /// in the key's lock file, so that if this engine dies without taking the group along, the
+    /// next run that takes the lock kills it before it stages anything.
+    pub fn started_group(&self, pgid: rustix::process::Pid) {
+        (self.on_group)(pgid);
+    }
+}
+
+/// What a kind's results are made by, as its stage keys record it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Implementation {
+    /// Bumped whenever the kind's outputs for the same inputs may change.
+    pub version: u32,
+    /// The versions of the libraries that shape its results (`tokenizers 0.22.2`, libtorch),
+    /// known without loading them; empty when none does.
+    pub libraries: &'static str,
+}
+
+impl Implementation {
+    /// What a key records beside the version: the libraries, if any.
+    pub fn libraries(&self) -> Option<&'static str> {
+        (!self.libraries.is_empty()).then_some(self.libraries)
+    }
+}
+
+/// The class of device a stage runs on, as far as its results can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceClass {
+    Cpu,
+    Cuda,
 }
 
 /// A kind of stage: `command`, `ddo`, `train`...
 pub trait StageKind: Send + Sync {
     fn name(&self) -> &'static str;
-    /// Bumped whenever the kind's outputs for the same inputs change; part of every key.
-    fn version(&self) -> u32;
-    /// The identity of code outside this binary that makes the kind's results (the `train`
-    /// kind's trainer binary and the libtorch it links), known without starting that code; part
-    /// of every key when set, so a result is never served for a different implementation.
-    fn implementation(&self) -> Option<&str> {
+    /// What makes the kind's results: part of every key of its stages, and of nothing else, so
+    /// that a result is never served for code that would compute it differently while an edit
+    /// of the engine or another kind leaves it cached. The built-in kinds take theirs from the
+    /// committed table `stages/implementations.toml`.
+    fn implementation(&self) -> Implementation;
+    /// For a kind whose results depend on the class of device it runs on: what it computes
+    /// with there (`cpu fp32`, `cuda bf16-matmul`). The key records it, so a result made on
+    /// one class is never served for the other, a CPU fallback's included. A stage runs on
+    /// `cuda` when it asks for GPUs and the run has them (or sends its stages to an executor
+    /// that places GPU requests), else on `cpu`. `None` (the default): the key names no device.
+    fn device_identity(&self, _class: DeviceClass) -> Option<&'static str> {
         None
     }
     fn summary(&self) -> &'static str;

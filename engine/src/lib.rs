@@ -6,23 +6,28 @@
 
 pub mod devices;
 pub mod error;
+pub mod executor;
 pub mod files;
 pub mod graph;
 pub mod key;
 pub mod kind;
+mod local;
+pub use local::log_tail;
 pub mod pipeline;
+pub mod plan;
 pub mod process;
 pub mod run;
+mod scheduler;
 pub mod stamp;
 
-pub use devices::GpuSpec;
+pub use devices::{Device, GpuSpec};
 pub use error::{ConfigError, ConfigErrors, EngineError, SourceLoc};
+pub use executor::{Executor, ExecutorFailure, Submission};
 pub use key::{CACHE_SCHEMA, KeyRecord};
 pub use kind::{
-    InputPath, KindRegistry, ParamSpec, ParamType, StageContext, StageError, StageKind,
+    DeviceClass, Implementation, InputPath, KindRegistry, ParamSpec, ParamType, StageContext,
+    StageError, StageKind,
 };
-pub use pipeline::{FanoutChild, InputRef, Overrides, Pipeline, Resources, Stage};
-pub use run::{
-    Engine, Event, Explanation, Outcome, RunOptions, RunSummary, StageState, StageStatus,
-    error_text,
-};
+pub use pipeline::{FanoutChild, InputRef, Overrides, Pipeline, Resources, SlurmSettings, Stage};
+pub use plan::{Explanation, StageState, StageStatus};
+pub use run::{Engine, Event, Outcome, RunOptions, RunSummary};

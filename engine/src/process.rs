@@ -3,11 +3,13 @@
 //!
 //! - [`spawn_group`] starts a command as the leader of a new process group.
 //! - [`guarded_shell`] runs a shell command so that an engine killed outright (SIGKILL
-//!   included) takes the command's whole group with it, background jobs included: a guard shell
-//!   runs the command as a job and watches the engine's *lifeline*, a pipe whose only writer
-//!   is the engine. The kernel closes it when the engine dies, however it dies, and the guard
-//!   then kills its group. This costs a `fork` of `sh`, not the `exec` of a second shell or of
-//!   `setpriv` (measured in BENCHMARKS.md).
+//!   included) takes the command's whole group with it, background jobs included. One
+//!   *watcher* `sh` per engine reads the groups the engine registers ([`watch`]) from a pipe
+//!   whose only writer is the engine; the kernel closes it when the engine dies, however it
+//!   dies, and the watcher kills every group still registered. The command's shell holds at
+//!   its first line until its group is registered, so there is no moment when it runs
+//!   unwatched. Per stage this costs one `sh`, as a plain `sh -c` would (measured in
+//!   BENCHMARKS.md; a guard shell per stage cost two more `fork`s).
 //! - [`group_command`] is for programs that are not shell commands (the trainer): a parent-death
 //!   signal (SIGHUP), set by util-linux's `setpriv --pdeathsig` where it exists, so the spawn
 //!   stays a `posix_spawn`; otherwise by a `pre_exec` hook, which forces a `fork` of the whole
@@ -17,13 +19,16 @@
 //!   writes after the outputs are hashed, and no retry starts while a writer may live.
 //! - [`become_subreaper`] makes the engine the parent of its stages' orphans, so that it can
 //!   reap them (they would otherwise be zombies where PID 1 does not reap).
+//! - [`group_record`] and [`kill_stale_group`]: a stage's group is recorded in its key's lock
+//!   file; a run that takes over the lock of a holder that died kills that group if it still
+//!   runs (a process that escaped the guard), before it stages anything.
 
 use std::ffi::OsStr;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rustix::process::{
@@ -122,6 +127,60 @@ pub fn reap_group(pgid: Pid, deadline: Duration) -> Result<Leftovers, String> {
     }
 }
 
+/// The start time of process `pid` in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces; count after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// What a key's lock file records of a stage's process group.
+pub fn group_record(pgid: Pid) -> autoscale_cache::ProcessGroup {
+    autoscale_cache::ProcessGroup {
+        pgid: pgid.as_raw_nonzero().get(),
+        leader_start: start_time(pgid.as_raw_nonzero().get()).unwrap_or(0),
+    }
+}
+
+/// Kills the process group a dead lock holder recorded, if it still runs: only a holder on
+/// this host that is gone, and only the same group. Its leader still runs with the recorded
+/// start time, or it is gone while the group still has members (Linux does not reuse an id
+/// that is still some group's). `true` when a group was killed.
+pub fn kill_stale_group(previous: &autoscale_cache::LockHolder) -> bool {
+    let Some(group) = previous.group else {
+        return false;
+    };
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let holder_alive = Pid::from_raw(previous.pid as i32)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid) != Err(rustix::io::Errno::SRCH));
+    if previous.host != host || holder_alive || previous.pid == std::process::id() {
+        return false;
+    }
+    let Some(pgid) = Pid::from_raw(group.pgid) else {
+        return false;
+    };
+    if test_kill_process_group(pgid).is_err() {
+        return false;
+    }
+    let same_group = match start_time(group.pgid) {
+        Some(start) => start == group.leader_start,
+        None => true,
+    };
+    if !same_group {
+        return false;
+    }
+    tracing::warn!(pgid = group.pgid, holder = previous.pid, label = %previous.label, "killing the process group a dead run left behind");
+    let _ = kill_process_group(pgid, Signal::KILL);
+    // Not our children: their zombies are reaped by whoever adopted them, or linger where PID 1
+    // does not reap; SIGKILL cannot be ignored, so a short wait is enough.
+    let _ = reap_group(pgid, Duration::from_secs(2));
+    true
+}
+
 /// Makes this process the reaper of its descendants' orphans. Best effort: without it, the
 /// orphans of a stage go to PID 1, and [`reap_group`] waits for it to reap them.
 pub fn become_subreaper() {
@@ -215,43 +274,137 @@ fn shell() -> &'static Path {
     })
 }
 
-/// The engine's lifeline: a pipe whose write end only this process holds (close-on-exec, so no
-/// child inherits it). Guard shells read its other end and see end-of-file when this process
-/// is gone.
-fn lifeline() -> io::Result<&'static io::PipeReader> {
-    static LIFELINE: OnceLock<Option<(io::PipeReader, io::PipeWriter)>> = OnceLock::new();
-    LIFELINE
-        .get_or_init(|| io::pipe().ok())
+/// The engine's stage watcher: one `sh` per engine process, in a process group of its own and
+/// deaf to terminal signals, reading from a pipe whose only writer is this process (close-on-exec,
+/// so no child inherits it) the stage groups that start (`+PGID`) and end (`-PGID`). The kernel
+/// closes the pipe however this process dies, SIGKILL included; the watcher then kills every
+/// group still registered, background jobs included, and exits.
+struct Watcher {
+    pipe: Mutex<io::PipeWriter>,
+}
+
+impl Watcher {
+    fn send(&self, op: char, pgid: Pid) -> io::Result<()> {
+        let line = format!("{op}{}\n", pgid.as_raw_nonzero());
+        let mut pipe = self
+            .pipe
+            .lock()
+            .map_err(|_| io::Error::other("watcher lock"))?;
+        pipe.write_all(line.as_bytes())
+    }
+}
+
+fn watcher() -> io::Result<&'static Watcher> {
+    static WATCHER: OnceLock<Result<Watcher, String>> = OnceLock::new();
+    WATCHER
+        .get_or_init(|| {
+            let (reader, writer) = io::pipe().map_err(|e| e.to_string())?;
+            let mut command = Command::new(shell());
+            command
+                .args(["-c", WATCH])
+                .stdin(reader)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0);
+            // Never waited for: it lives as long as this process and exits when it does.
+            let child = command
+                .spawn()
+                .map_err(|e| format!("cannot start the stage watcher (`sh`): {e}"))?;
+            drop(child);
+            Ok(Watcher {
+                pipe: Mutex::new(writer),
+            })
+        })
         .as_ref()
-        .map(|(reader, _)| reader)
-        .ok_or_else(|| io::Error::other("cannot make the stage lifeline pipe"))
+        .map_err(|e| io::Error::other(e.clone()))
 }
 
-/// `sh`, running `cmd` in a guard shell that kills its whole group when the engine dies (see
-/// the module docs); its stdin is the engine's lifeline, and `cmd`'s is `/dev/null`. The
-/// command's exit status is the guard's. Spawn it with [`spawn_group`].
-pub fn guarded_shell(cmd: &str) -> io::Result<Command> {
-    guarded_shell_on(cmd, lifeline()?.try_clone()?)
+// Pure `sh`, no process per message: the registered groups are a space-separated list.
+const WATCH: &str = "trap '' INT TERM HUP QUIT
+groups=' '
+while IFS= read -r line; do
+  case $line in
+    +*) groups=\"$groups${line#+} \" ;;
+    -*) g=${line#-}
+        case $groups in *\" $g \"*) groups=\"${groups%% $g *} ${groups#* $g }\" ;; esac ;;
+  esac
+done
+for g in $groups; do kill -KILL -\"$g\" 2>/dev/null; done";
+
+/// A stage's process group, registered with the engine's watcher, which kills the group if the
+/// engine dies while it is registered. Dropping it unregisters the group: drop it only once the
+/// group is gone ([`reap_group`]).
+#[derive(Debug)]
+pub struct Watched(Pid);
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Ok(w) = watcher() {
+            let _ = w.send('-', self.0);
+        }
+    }
 }
 
-fn guarded_shell_on(cmd: &str, lifeline: io::PipeReader) -> io::Result<Command> {
+/// Registers a process group that a stage started (the trainer's, say) with the engine's
+/// watcher, so that it dies with the engine.
+pub fn watch(pgid: Pid) -> io::Result<Watched> {
+    watcher()?.send('+', pgid)?;
+    Ok(Watched(pgid))
+}
+
+/// A shell command that will not begin until its process group is watched (see
+/// [`GuardedShell::spawn`]). Set its working directory, environment and output on `command`.
+pub struct GuardedShell {
+    pub command: Command,
+    go: io::PipeWriter,
+}
+
+/// `sh -c cmd`, held at its first line until the engine has registered its group with the
+/// watcher (see the module docs); `cmd`'s stdin is `/dev/null`, and its exit status the shell's.
+pub fn guarded_shell(cmd: &str) -> io::Result<GuardedShell> {
+    let (reader, go) = io::pipe()?;
     let mut command = Command::new(shell());
     command
-        .args(["-c", GUARD, "autoscale-stage", cmd])
-        .stdin(lifeline);
-    Ok(command)
+        .args(["-c", HOLD, "autoscale-stage", cmd])
+        .stdin(reader);
+    Ok(GuardedShell { command, go })
 }
 
-// The job is started first, so it sees no variable of the guard's; `shift` inside the eval
-// leaves it no positional params, as `sh -c` would. Fd 9 keeps the lifeline for the watcher,
-// which the guard stops and waits for once the job is done, so that a command that leaves
-// nothing behind leaves an empty group.
-const GUARD: &str = "exec 9<&0 </dev/null
+impl GuardedShell {
+    /// Starts the shell as the leader of a new process group, registers the group with the
+    /// watcher, and only then lets the command begin. An engine that dies before that leaves a
+    /// shell that sees end-of-file and exits without running anything.
+    pub fn spawn(self) -> io::Result<(Child, Pid, Watched)> {
+        let GuardedShell {
+            mut command,
+            mut go,
+        } = self;
+        let (mut child, pgid) = spawn_group(&mut command)?;
+        // Our copy of the hold pipe's read end goes with the command.
+        drop(command);
+        let watched = match watch(pgid) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = kill_process_group(pgid, Signal::KILL);
+                let _ = child.wait();
+                return Err(io::Error::other(format!(
+                    "the stage watcher is gone ({e}); refusing to start a command that could outlive the engine"
+                )));
+            }
+        };
+        // A command that exits without reading is no error here: its exit status says it.
+        let _ = go.write_all(b"go\n");
+        Ok((child, pgid, watched))
+    }
+}
+
+// `shift` inside the eval leaves the command no positional params, as `sh -c` would, and the
+// hold line sets no variable it could see.
+const HOLD: &str = "read -r AUTOSCALE_HOLD || exit 125
+unset AUTOSCALE_HOLD
+exec </dev/null
 eval \"shift
-$1\" 9<&- &
-c=$!
-{ read _ <&9; kill -KILL 0; } &
-wait $c; s=$?; kill $! 2>/dev/null; wait $!; exit $s";
+$1\"";
 
 #[cfg(test)]
 mod tests {
@@ -280,7 +433,7 @@ mod tests {
             "(sleep 30; echo late) & echo $! > '{}'; exit 3",
             pidfile.display()
         );
-        let (mut child, pgid) = spawn_group(&mut guarded_shell(&cmd).unwrap()).unwrap();
+        let (mut child, pgid, watched) = guarded_shell(&cmd).unwrap().spawn().unwrap();
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(3));
         let bg = read_pid(&pidfile);
@@ -288,50 +441,93 @@ mod tests {
         assert_eq!(reap_group(pgid, GROUP_DEADLINE), Ok(Leftovers::Killed));
         assert!(!alive(bg), "reap_group left {bg} running");
         assert_eq!(reap_group(pgid, GROUP_DEADLINE), Ok(Leftovers::None));
+        drop(watched);
     }
 
-    #[test]
-    fn a_guard_whose_lifeline_closes_kills_its_whole_group() {
-        // The test holds the lifeline's write end; dropping it is the engine dying.
-        let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("bg.pid");
-        let inner = format!("sleep 30 & echo $! > '{}'; wait", pidfile.display());
+    /// The watcher as the engine starts it, with the test holding the pipe's write end:
+    /// closing it is the engine dying.
+    fn a_watcher() -> (Child, io::PipeWriter) {
         let (reader, writer) = io::pipe().unwrap();
-        let (mut child, _) = spawn_group(&mut guarded_shell_on(&inner, reader).unwrap()).unwrap();
+        let child = Command::new(shell())
+            .args(["-c", WATCH])
+            .stdin(reader)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        (child, writer)
+    }
+
+    fn wait_for_file(path: &Path) {
         let until = Instant::now() + Duration::from_secs(10);
-        while !pidfile.exists() && Instant::now() < until {
+        while !path.exists() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(10));
         }
         std::thread::sleep(Duration::from_millis(50));
-        let bg = read_pid(&pidfile);
-        assert!(alive(bg), "the job runs while the lifeline is open");
-        drop(writer);
-        let status = child.wait().unwrap();
-        assert!(!status.success(), "{status:?}");
-        let until = Instant::now() + Duration::from_secs(10);
-        while alive(bg) && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(20));
+    }
+
+    #[test]
+    fn when_the_engine_dies_the_watcher_kills_every_registered_group_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut watcher, mut pipe) = a_watcher();
+        let mut groups = Vec::new();
+        for name in ["a", "b", "c"] {
+            let pidfile = dir.path().join(name);
+            let cmd = format!("sleep 30 & echo $! > '{}'; wait", pidfile.display());
+            let mut command = Command::new("sh");
+            command.args(["-c", &cmd]);
+            let (child, pgid) = spawn_group(&mut command).unwrap();
+            writeln!(pipe, "+{}", pgid.as_raw_nonzero()).unwrap();
+            wait_for_file(&pidfile);
+            groups.push((child, pgid, read_pid(&pidfile)));
         }
-        assert!(!alive(bg), "{bg} outlived the lifeline");
+        // `b` ends its registration: the watcher must leave it alone.
+        writeln!(pipe, "-{}", groups[1].1.as_raw_nonzero()).unwrap();
+        writeln!(pipe, "-999999999").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(groups.iter().all(|(_, _, bg)| alive(*bg)));
+        drop(pipe);
+        watcher.wait().unwrap();
+        for (i, (child, pgid, bg)) in groups.iter_mut().enumerate() {
+            let until = Instant::now() + Duration::from_secs(10);
+            while i != 1 && alive(*bg) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(alive(*bg), i == 1, "group {i}'s background job");
+            let _ = kill_process_group(*pgid, Signal::KILL);
+            let _ = child.wait();
+        }
+    }
+
+    #[test]
+    fn a_held_shell_whose_engine_dies_before_the_go_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let mut held = guarded_shell(&format!("touch '{}'", marker.display())).unwrap();
+        held.command.stdout(Stdio::null());
+        let GuardedShell { mut command, go } = held;
+        let (mut child, _) = spawn_group(&mut command).unwrap();
+        drop(go);
+        assert_eq!(child.wait().unwrap().code(), Some(125));
+        assert!(!marker.exists());
     }
 
     #[test]
     fn a_command_that_leaves_nothing_behind_leaves_an_empty_group() {
         become_subreaper();
-        let (mut child, pgid) = spawn_group(&mut guarded_shell("true").unwrap()).unwrap();
+        let (mut child, pgid, _watched) = guarded_shell("true").unwrap().spawn().unwrap();
         assert!(child.wait().unwrap().success());
         assert_eq!(reap_group(pgid, GROUP_DEADLINE), Ok(Leftovers::None));
     }
 
     #[test]
     fn a_command_sees_no_guard_variables_or_arguments_and_reads_dev_null() {
-        let cmd = "echo \"[$#][$c][$s][$1]\"; cat; echo done";
-        let mut command = guarded_shell(cmd).unwrap();
-        command.stdout(Stdio::piped());
-        let (child, _) = spawn_group(&mut command).unwrap();
+        let cmd = "echo \"[$#][$AUTOSCALE_HOLD][$1]\"; cat; echo done";
+        let mut held = guarded_shell(cmd).unwrap();
+        held.command.stdout(Stdio::piped());
+        let (child, _, _watched) = held.spawn().unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success());
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "[0][][][]\ndone\n");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "[0][][]\ndone\n");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::files::{change_times_ns, now_ns, racy};
 use crate::pipeline::{InputRef, Pipeline};
 
 /// Bumped when the stamp's meaning changes.
-const STAMP_SCHEMA: u32 = 1;
+const STAMP_SCHEMA: u32 = 2;
 
 /// What was asked: a stamp answers only the same question.
 #[derive(Debug, Clone, Serialize)]
@@ -81,12 +81,14 @@ impl Stat {
 }
 
 /// A cache entry as seen from outside: its manifest's size and inode (not its mtime, which
-/// lookups touch for `cache gc`) and whether its output folder is there.
+/// lookups touch for `cache gc`) and its output folder's stat, which changes when a file in it
+/// is added, removed or replaced (the full path then checks the entry, see the cache's
+/// `check_entry`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Entry {
     manifest_size: u64,
     manifest_ino: u64,
-    out: bool,
+    out: Option<Stat>,
 }
 
 impl Entry {
@@ -96,7 +98,7 @@ impl Entry {
         Some(Entry {
             manifest_size: m.len(),
             manifest_ino: m.ino(),
-            out: out.is_dir(),
+            out: Stat::of(&out).filter(|s| s.dir),
         })
     }
 }
@@ -124,6 +126,10 @@ pub struct Stamp {
     pub pipeline: String,
     /// The run's `--gpus`, which a run (not `status`) must repeat to be answered from here.
     pub gpus: Option<String>,
+    /// Whether the run had GPUs, when a key depended on it (a `train` stage asking for GPUs
+    /// is keyed `cuda` or `cpu`): a no-op must find the same, or take the full path.
+    #[serde(default)]
+    pub gpus_present: Option<bool>,
     pub stages: Vec<StampedStage>,
     /// Warnings the run gave before its plan (resources, devices), repeated by a no-op.
     pub warnings: Vec<String>,
@@ -136,6 +142,8 @@ pub struct RunRecord {
     pub pipeline: String,
     /// The run's `--gpus`.
     pub gpus: Option<String>,
+    /// [`crate::Engine::gpus_asked`] after the run.
+    pub gpus_present: Option<bool>,
     /// The stages as they finished: id, kind, key.
     pub stages: Vec<(String, String, ActionKey)>,
     /// Warnings given before the plan.
@@ -226,6 +234,7 @@ impl Before {
         let RunRecord {
             pipeline,
             gpus,
+            gpus_present,
             stages,
             warnings,
         } = run;
@@ -257,6 +266,7 @@ impl Before {
             env: self.env,
             pipeline,
             gpus,
+            gpus_present,
             stages: stamped,
             warnings,
         };

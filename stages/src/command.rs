@@ -19,7 +19,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use autoscale_engine::{InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind};
+use autoscale_engine::{
+    Implementation, InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind,
+};
 use serde_json::{Map, Value, json};
 
 pub struct CommandKind;
@@ -47,8 +49,8 @@ impl StageKind for CommandKind {
         "command"
     }
 
-    fn version(&self) -> u32 {
-        1
+    fn implementation(&self) -> Implementation {
+        crate::implementations::COMMAND
     }
 
     fn summary(&self) -> &'static str {
@@ -94,7 +96,7 @@ impl StageKind for CommandKind {
         let devices = ctx
             .devices
             .as_ref()
-            .map(|d| d.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            .map(|d| autoscale_engine::Device::visible(d))
             .unwrap_or_default();
         let cmd = template(cmd, ctx, &inputs, &devices);
         let log = fs::File::create(&ctx.log_path)
@@ -104,8 +106,9 @@ impl StageKind for CommandKind {
             .map_err(|e| io_failure("open the log", &ctx.log_path, e))?;
         // A guard shell runs `cmd` so that a killed engine takes all of it down (see
         // `autoscale_engine::process`).
-        let mut command = autoscale_engine::process::guarded_shell(&cmd)
+        let mut held = autoscale_engine::process::guarded_shell(&cmd)
             .map_err(|e| StageError::failed(format!("cannot start `sh`: {e}")))?;
+        let command = &mut held.command;
         command
             .current_dir(&ctx.work_dir)
             .stdout(log)
@@ -138,14 +141,13 @@ impl StageKind for CommandKind {
         for (k, v) in ctx.env {
             command.env(k, v);
         }
-        // Its own process group, so stopping the stage stops everything it started.
-        let (mut child, pgid) =
-            autoscale_engine::process::spawn_group(&mut command).map_err(|e| {
-                StageError::Failed {
-                    message: format!("cannot start `sh`: {e}"),
-                    hint: Some("is a POSIX shell installed?".into()),
-                }
-            })?;
+        // Its own process group, so stopping the stage stops everything it started; watched,
+        // so that it dies with the engine. Unwatched (dropped) only once the group is gone.
+        let (mut child, pgid, _watched) = held.spawn().map_err(|e| StageError::Failed {
+            message: format!("cannot start `sh`: {e}"),
+            hint: Some("is a POSIX shell installed?".into()),
+        })?;
+        ctx.started_group(pgid);
         let cancelled = || ctx.cancelled();
         let status = match autoscale_engine::process::wait_or_cancel(&mut child, cancelled, POLL) {
             Ok(Some(status)) => status,

@@ -52,6 +52,7 @@ impl Harness {
             env: &env,
             cancel: &cancel,
             progress: &|_| {},
+            on_group: &|_| {},
         };
         kind.check(&params).map_err(StageError::failed)?;
         kind.run(&ctx).map(|summary| (out_dir, summary))

@@ -106,7 +106,7 @@ mod tests {
     fn manifest(entropies: &[(&str, f64)]) -> ShardManifest {
         ShardManifest {
             format: "arrow-ipc-stream".into(),
-            compression: "zstd".into(),
+            compression: "none".into(),
             column: "token".into(),
             dtype: "uint16".into(),
             shard_tokens: 1,

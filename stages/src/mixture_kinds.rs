@@ -18,7 +18,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use autoscale_engine::{
-    FanoutChild, InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind,
+    FanoutChild, Implementation, InputPath, ParamSpec, ParamType, StageContext, StageError,
+    StageKind,
 };
 use autoscale_mixture::{
     BootstrapOptions, DdoOptions, DdoReport, FlatPolicy, MixError, MixtureWeights, Objective,
@@ -32,6 +33,7 @@ use serde_json::{Map, Value, json};
 
 use crate::data::ShardManifest;
 use crate::learning::Learning;
+use autoscale_errors::Hint;
 
 // ---------------------------------------------------------------------------------------------
 // ddo_plan
@@ -104,8 +106,8 @@ impl StageKind for DdoPlanKind {
         "ddo_plan"
     }
 
-    fn version(&self) -> u32 {
-        3
+    fn implementation(&self) -> Implementation {
+        crate::implementations::DDO_PLAN
     }
 
     fn summary(&self) -> &'static str {
@@ -163,6 +165,22 @@ fn ddo_plan(params: &Map<String, Value>) -> Result<DdoPlanFile, StageError> {
             "`base_seeds` is {base_seeds}; that is too many runs"
         ))
     })?;
+    // The plan's runs become stages: refuse a plan past the fan-out cap before building it.
+    let runs =
+        (base_seeds as usize).saturating_add(domains.len().saturating_mul(multipliers.len()));
+    if runs > autoscale_engine::pipeline::MAX_FANOUT {
+        return Err(StageError::Failed {
+            message: format!(
+                "the DDO plan has {runs} runs ({base_seeds} base seeds + {} domains × {} multipliers), more than the {} one stage may fan out to",
+                domains.len(),
+                multipliers.len(),
+                autoscale_engine::pipeline::MAX_FANOUT
+            ),
+            hint: Some(
+                "lower `base_seeds`, or split the domains over several ddo_plan stages".into(),
+            ),
+        });
+    }
     let seed = count(params, "seed", 0)?.unwrap_or(0);
     let replicate = match string(params, "replicate")? {
         Some(name) => name
@@ -309,8 +327,8 @@ impl StageKind for DdoKind {
         "ddo"
     }
 
-    fn version(&self) -> u32 {
-        3
+    fn implementation(&self) -> Implementation {
+        crate::implementations::DDO
     }
 
     fn summary(&self) -> &'static str {
@@ -625,8 +643,8 @@ impl StageKind for PredictKind {
         "predict"
     }
 
-    fn version(&self) -> u32 {
-        3
+    fn implementation(&self) -> Implementation {
+        crate::implementations::PREDICT
     }
 
     fn summary(&self) -> &'static str {
@@ -893,8 +911,8 @@ pub enum BaselineError {
     Mix(#[from] MixError),
 }
 
-impl BaselineError {
-    pub fn hint(&self) -> Option<String> {
+impl Hint for BaselineError {
+    fn hint(&self) -> Option<String> {
         match self {
             Self::Missing { .. } => None,
             Self::AvailableMismatch { .. } => {
@@ -974,8 +992,8 @@ impl StageKind for MixtureKind {
         "mixture"
     }
 
-    fn version(&self) -> u32 {
-        1
+    fn implementation(&self) -> Implementation {
+        crate::implementations::MIXTURE
     }
 
     fn summary(&self) -> &'static str {
@@ -2030,6 +2048,12 @@ mod tests {
             ))
             .expect_err("no base run");
         assert!(err.contains("base_seeds"), "{err}");
+        let err = DdoPlanKind
+            .check(&params(
+                json!({"domains": ["a", "b"], "base_tokens": 1e6, "base_seeds": 4_000_000_000u64}),
+            ))
+            .expect_err("too many runs");
+        assert!(err.contains("more than the 10000"), "{err}");
         assert!(
             PredictKind
                 .check(&params(json!({"steps": 1, "bootstrap": "x"})))

@@ -104,3 +104,47 @@ pub fn stderr(out: &Output) -> String {
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A `command` pipeline of `n` stages with `resources: {gpus: 1}`, each recording into
+/// `trace/<i>` when it started, the `CUDA_VISIBLE_DEVICES` it saw and when it ended, with a
+/// sleep of `seconds` between.
+pub fn gpu_trace_pipeline(trace: &Path, n: usize, seconds: f64) -> String {
+    let items: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    format!(
+        r#"
+name: gpus
+stages:
+  - id: train
+    kind: command
+    foreach: [{items}]
+    resources: {{gpus: 1}}
+    cmd: "echo start $(date +%s%N) $CUDA_VISIBLE_DEVICES > {t}/${{item}}; sleep {seconds}; echo end $(date +%s%N) >> {t}/${{item}}; echo ${{item}} > $AUTOSCALE_OUT/x"
+"#,
+        items = items.join(", "),
+        t = trace.display()
+    )
+}
+
+/// `(start, end, device)` of each of the `n` stages of [`gpu_trace_pipeline`]; panics if two
+/// stages that ran at the same time saw the same device.
+pub fn gpu_spans(trace: &Path, n: usize) -> Vec<(u128, u128, String)> {
+    let mut spans = Vec::new();
+    for i in 0..n {
+        let text = std::fs::read_to_string(trace.join(i.to_string())).expect("trace");
+        let words: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(words.len(), 5, "start, one device, end: {text:?}");
+        let start: u128 = words[1].parse().expect("start");
+        let end: u128 = words[4].parse().expect("end");
+        spans.push((start, end, words[2].to_string()));
+    }
+    for (i, a) in spans.iter().enumerate() {
+        for b in &spans[i + 1..] {
+            assert!(
+                !(a.0 < b.1 && b.0 < a.1 && a.2 == b.2),
+                "two stages at once on device {}: {spans:?}",
+                a.2
+            );
+        }
+    }
+    spans
+}

@@ -333,6 +333,7 @@ fn parse_timeout(text: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use autoscale_errors::Hint;
 
     #[test]
     fn locations_parse_and_refuse_what_they_cannot_serve() {

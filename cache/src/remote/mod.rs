@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use autoscale_errors::Hint;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -134,9 +135,9 @@ pub enum RemoteError {
     },
 }
 
-impl RemoteError {
+impl Hint for RemoteError {
     /// What the person can do about it.
-    pub fn hint(&self) -> Option<String> {
+    fn hint(&self) -> Option<String> {
         Some(match self {
             RemoteError::BadUrl { hint, .. } => hint.clone(),
             RemoteError::BadMode { .. } => format!(
@@ -169,7 +170,9 @@ impl RemoteError {
             _ => return None,
         })
     }
+}
 
+impl RemoteError {
     /// Whether the remote as a whole is failing (rather than one of its entries).
     fn is_outage(&self) -> bool {
         matches!(
@@ -391,13 +394,16 @@ impl Remote {
             if state.down.is_some() {
                 return;
             }
-            state.down = Some(error_chain(error));
-            let message = format!("{}; going on with the local cache only", error_chain(error));
+            state.down = Some(autoscale_errors::one_line(error));
+            let message = format!(
+                "{}; going on with the local cache only",
+                autoscale_errors::one_line(error)
+            );
             tracing::debug!(remote = %self.location, "{message}");
             state.warnings.push(RemoteWarning { key: None, message });
             return;
         }
-        let message = format!("{}; {then}", error_chain(error));
+        let message = format!("{}; {then}", autoscale_errors::one_line(error));
         tracing::debug!(remote = %self.location, "{message}");
         state.warnings.push(RemoteWarning { key, message });
     }
@@ -435,6 +441,12 @@ impl Remote {
         };
         self.state().entries.insert(*key, found.clone());
         found
+    }
+
+    /// Forgets what is known of `key` on the remote (an absence included), so that the next
+    /// [`Remote::entry`] asks again: another machine may have uploaded it since.
+    pub(crate) fn forget(&self, key: &ActionKey) {
+        self.state().entries.remove(key);
     }
 
     /// Looks many keys up at once (what `status` does level by level), so that a wide
@@ -613,7 +625,7 @@ impl Remote {
                 Err(RemoteError::Local { source }) if compressed && !sink.file_failed => {
                     return Err(RemoteError::BadCompression {
                         digest: *digest,
-                        source: std::io::Error::other(error_chain(&source)),
+                        source: std::io::Error::other(autoscale_errors::one_line(&source)),
                     });
                 }
                 Err(e) => return Err(e),
@@ -781,7 +793,7 @@ impl Remote {
                 Err(e) => {
                     report.problems.push(RemoteWarning {
                         key: Some(*key),
-                        message: error_chain(&e),
+                        message: autoscale_errors::one_line(&e),
                     });
                     continue;
                 }
@@ -792,7 +804,7 @@ impl Remote {
                 Err(e) if e.is_outage() => return Err(e),
                 Err(e) => report.problems.push(RemoteWarning {
                     key: Some(*key),
-                    message: error_chain(&e),
+                    message: autoscale_errors::one_line(&e),
                 }),
             }
         }
@@ -822,7 +834,7 @@ impl Remote {
                 Err(e) => {
                     report.problems.push(RemoteWarning {
                         key: Some(*key),
-                        message: error_chain(&e),
+                        message: autoscale_errors::one_line(&e),
                     });
                     continue;
                 }
@@ -840,7 +852,7 @@ impl Remote {
                 Err(e) if e.is_outage() => return Err(e),
                 Err(e) => report.problems.push(RemoteWarning {
                     key: Some(*key),
-                    message: error_chain(&e),
+                    message: autoscale_errors::one_line(&e),
                 }),
             }
         }
@@ -1061,22 +1073,6 @@ impl Drop for RemoveOnDrop {
             let _ = fs::remove_file(&self.0);
         }
     }
-}
-
-/// An error and its causes on one line. HTTP client errors repeat their causes in their own
-/// text, so a cause already said is left out.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = cause.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -54,6 +54,23 @@ pub struct Stage {
     pub group: Option<String>,
     /// A run-time fan-out placeholder: its children come from this stage's `fanout.json`.
     pub fanout_from: Option<String>,
+    /// Where this stage's Slurm job goes, over autoscale.toml's `[slurm]`; not in the key
+    /// (where a result was computed does not change it).
+    pub slurm: Option<SlurmSettings>,
+}
+
+/// A stage's `slurm:` block: the `sbatch` settings it overrides for `--executor slurm`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSettings {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    /// `--time`, e.g. `4:00:00`.
+    pub time: Option<String>,
+    /// More `sbatch` arguments, after the config's `extra`.
+    #[serde(default)]
+    pub extra: Vec<String>,
 }
 
 /// One child of a run-time fan-out, as a stage lists it in its `fanout.json`:
@@ -68,6 +85,13 @@ pub struct FanoutChild {
 
 /// The most `retries:` a stage may ask for.
 pub const MAX_RETRIES: u32 = 100;
+/// The most stages one fan-out (`matrix`, `foreach` or a run-time `fanout.json`) may expand to.
+pub const MAX_FANOUT: usize = 10_000;
+/// The most stages a pipeline may have once expanded.
+pub const MAX_STAGES: usize = 100_000;
+/// The largest pipeline or overlay file read; a bigger one is a mistake (`/dev/zero`, a data
+/// file named by accident), not a pipeline.
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
 
 /// The file a stage writes to fan out the stages that name it in `fanout:`.
 pub const FANOUT_FILE: &str = "fanout.json";
@@ -135,13 +159,8 @@ impl Pipeline {
         overrides: &Overrides,
         kinds: &KindRegistry,
     ) -> Result<Self, ConfigErrors> {
-        let text = std::fs::read_to_string(file).map_err(|e| {
-            ConfigError::new(
-                format!("cannot read pipeline file `{}`: {e}", file.display()),
-                None,
-            )
-            .hint("check the path; pipelines live in `pipelines/`")
-        })?;
+        let text = read_yaml_file(file, "pipeline")
+            .map_err(|e| e.or_hint("check the path; pipelines live in `pipelines/`"))?;
         Self::parse(file, &text, overrides, kinds)
     }
 
@@ -152,7 +171,8 @@ impl Pipeline {
         overrides: &Overrides,
         kinds: &KindRegistry,
     ) -> Result<Self, ConfigErrors> {
-        let raw: RawPipeline = serde_saphyr::from_str(text).map_err(|e| yaml_error(file, &e))?;
+        let raw: RawPipeline = serde_saphyr::from_str_with_options(text, yaml_options())
+            .map_err(|e| yaml_error(file, &e))?;
         Loader {
             file,
             kinds,
@@ -270,6 +290,9 @@ impl Pipeline {
         children: &[FanoutChild],
     ) -> Result<(), String> {
         let template = self.stages[placeholder].clone();
+        if children.len() > MAX_FANOUT {
+            return Err(fanout_too_big(&template.id, &children.len().to_string(), None).message);
+        }
         let mut expanded = Vec::with_capacity(children.len());
         for child in children {
             if child.id.is_empty()
@@ -468,7 +491,21 @@ impl Loader<'_> {
                 );
             }
         }
-        self.resolve_inputs(&mut stages, &index, &groups);
+        if stages.len() > MAX_STAGES {
+            self.err(
+                ConfigError::new(
+                    format!(
+                        "the pipeline expands to {} stages, more than the {MAX_STAGES} allowed",
+                        stages.len()
+                    ),
+                    None,
+                )
+                .hint("split it into several pipelines that share one cache"),
+            );
+            return Err(ConfigErrors(self.errors));
+        }
+        let external: Vec<PathBuf> = raw.external.iter().map(|e| root.join(&e.value)).collect();
+        self.resolve_inputs(&mut stages, &index, &groups, &root, &external);
         if self.errors.is_empty() {
             let pipeline = Pipeline {
                 name: raw.name.value.clone(),
@@ -613,17 +650,14 @@ impl Loader<'_> {
         stage_ids: &[&str],
         stages: &mut StageOverrides,
     ) {
-        let text = match std::fs::read_to_string(path) {
+        let text = match read_yaml_file(path, "overlay") {
             Ok(t) => t,
             Err(e) => {
-                self.err(ConfigError::new(
-                    format!("cannot read overlay file `{}`: {e}", path.display()),
-                    None,
-                ));
+                self.err(e);
                 return;
             }
         };
-        let overlay: RawOverlay = match serde_saphyr::from_str(&text) {
+        let overlay: RawOverlay = match serde_saphyr::from_str_with_options(&text, yaml_options()) {
             Ok(o) => o,
             Err(e) => {
                 self.errors.extend(yaml_error(path, &e).0);
@@ -677,8 +711,8 @@ impl Loader<'_> {
             );
             return;
         };
-        let value: Value =
-            serde_saphyr::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()));
+        let value: Value = serde_saphyr::from_str_with_options(text, yaml_options())
+            .unwrap_or_else(|_| Value::String(text.to_string()));
         match key.split_once('.') {
             None => self.set_param(params, key, value, loc, Some(text)),
             Some((stage, name)) => {
@@ -726,6 +760,16 @@ impl Loader<'_> {
                 return Vec::new();
             }
             (Some(m), None) => {
+                let count = m
+                    .value
+                    .values()
+                    .try_fold(1usize, |n, values| n.checked_mul(values.len()));
+                if count.is_none_or(|n| n > MAX_FANOUT) {
+                    let loc = self.loc(&m.referenced);
+                    let count = count.map_or_else(|| "too many".to_string(), |n| n.to_string());
+                    self.err(fanout_too_big(&rs.id.value, &count, Some(loc)));
+                    return Vec::new();
+                }
                 let mut combos = vec![Vec::new()];
                 for (axis, values) in &m.value {
                     if values.is_empty() {
@@ -749,6 +793,15 @@ impl Loader<'_> {
                         .collect();
                 }
                 combos
+            }
+            (None, Some(f)) if f.value.len() > MAX_FANOUT => {
+                let loc = self.loc(&f.referenced);
+                self.err(fanout_too_big(
+                    &rs.id.value,
+                    &f.value.len().to_string(),
+                    Some(loc),
+                ));
+                return Vec::new();
             }
             (None, Some(f)) => f
                 .value
@@ -956,6 +1009,7 @@ impl Loader<'_> {
                 location: stage_loc.clone(),
                 group: fanned.then(|| rs.id.value.clone()),
                 fanout_from: rs.fanout.as_ref().map(|f| f.value.clone()),
+                slurm: rs.slurm.clone(),
             });
         }
         out
@@ -992,7 +1046,15 @@ impl Loader<'_> {
         stages: &mut [Stage],
         index: &HashMap<String, usize>,
         groups: &BTreeMap<String, Vec<usize>>,
+        root: &Path,
+        external: &[PathBuf],
     ) {
+        // Where the root and the allowed outside paths really are (symlinks resolved).
+        let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+        let external: Vec<PathBuf> = external
+            .iter()
+            .filter_map(|e| e.canonicalize().ok())
+            .collect();
         let ids: Vec<String> = stages.iter().map(|s| s.id.clone()).collect();
         let known: Vec<&str> = ids
             .iter()
@@ -1018,26 +1080,35 @@ impl Loader<'_> {
             for (name, input) in stage.inputs.iter_mut() {
                 let InputRef::Stage { id: text, .. } = input else {
                     if let InputRef::File(p) = input
-                        && !p.exists()
+                        && let Some(error) = file_input_error(p, &root, &external)
                     {
-                        let loc = stage.location.clone();
-                        self.errors.push(
-                            ConfigError::new(
-                                format!(
-                                    "input `{name}` of stage `{}`: file `{}` does not exist",
-                                    stage.id,
-                                    p.display()
-                                ),
-                                Some(loc),
-                            )
-                            .hint("file inputs are relative to the pipeline's `root`"),
-                        );
+                        self.errors.push(error.at_input(
+                            name,
+                            &stage.id,
+                            Some(stage.location.clone()),
+                        ));
                     }
                     continue;
                 };
                 let (target, sub) = split_ref(text);
                 let (target, sub) = (target.to_string(), sub.trim_matches('/').to_string());
                 let target = target.as_str();
+                if Path::new(&sub)
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
+                    self.errors.push(
+                        ConfigError::new(
+                            format!(
+                                "input `{name}` of stage `{}`: `{text}` leaves the output folder of `{target}`",
+                                stage.id
+                            ),
+                            Some(stage.location.clone()),
+                        )
+                        .hint("a stage input is `ID` or `ID/PATH` with PATH inside ID's outputs, without `..`"),
+                    );
+                    continue;
+                }
                 if index.contains_key(target) {
                     *input = InputRef::Stage {
                         id: target.to_string(),
@@ -1064,6 +1135,104 @@ impl Loader<'_> {
             }
         }
     }
+}
+
+/// Reads a pipeline or overlay file: a regular file of at most [`MAX_FILE_BYTES`], in UTF-8
+/// (an invalid byte is reported with its line, column and offset).
+fn read_yaml_file(path: &Path, what: &str) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let cannot = |e: &dyn std::fmt::Display| {
+        ConfigError::new(
+            format!("cannot read {what} file `{}`: {e}", path.display()),
+            None,
+        )
+    };
+    let file = std::fs::File::open(path).map_err(|e| cannot(&e))?;
+    let meta = file.metadata().map_err(|e| cannot(&e))?;
+    if !meta.is_file() {
+        return Err(cannot(&"not a regular file").hint(format!("name a YAML {what} file")));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| cannot(&e))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(
+            cannot(&format!("it is larger than {} MiB", MAX_FILE_BYTES >> 20))
+                .hint(format!("is `{}` really a {what} file?", path.display())),
+        );
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = valid.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+        ConfigError::new(
+            format!(
+                "{what} file is not valid UTF-8 (byte offset {})",
+                valid.len()
+            ),
+            Some(SourceLoc::File {
+                path: path.to_path_buf(),
+                line: line as u64,
+                column: column as u64,
+            }),
+        )
+        .hint("save the file as UTF-8")
+    })
+}
+
+fn fanout_too_big(stage: &str, count: &str, loc: Option<SourceLoc>) -> ConfigError {
+    ConfigError::new(
+        format!("stage `{stage}` fans out to {count} stages, more than the {MAX_FANOUT} allowed"),
+        loc,
+    )
+    .hint("fewer axes or values; a search that big belongs in several pipelines")
+}
+
+/// What is wrong with a `file:` input, if anything: missing, not a regular file or folder (a
+/// device or FIFO would hang the hasher), or outside the workspace root (by where a symlink
+/// resolves) and not listed under `external:`.
+fn file_input_error(path: &Path, root: &Path, external: &[PathBuf]) -> Option<ConfigError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(_) => {
+            return Some(
+                ConfigError::new(format!("file `{}` does not exist", path.display()), None)
+                    .hint("file inputs are relative to the pipeline's `root`"),
+            );
+        }
+    };
+    if !meta.is_file() && !meta.is_dir() {
+        return Some(
+            ConfigError::new(
+                format!(
+                    "`{}` is not a regular file or folder (a device, FIFO or socket)",
+                    path.display()
+                ),
+                None,
+            )
+            .hint("inputs are hashed by content; copy the data into a file"),
+        );
+    }
+    let resolved = path.canonicalize().ok()?;
+    if resolved.starts_with(root) || external.iter().any(|e| resolved.starts_with(e)) {
+        return None;
+    }
+    Some(
+        ConfigError::new(
+            format!(
+                "`{}` is outside the workspace root `{}`",
+                path.display(),
+                root.display()
+            ),
+            None,
+        )
+        .hint(format!(
+            "list it (or a folder above it) under `external:` in the pipeline to read it: \
+             external: [\"{}\"]",
+            resolved.display()
+        )),
+    )
 }
 
 /// The stage id at the start of a reference (`id`, `id/path`, `fan[a,b]/path`) and the path.
@@ -1145,6 +1314,12 @@ fn wrong_type(what: &str, ty: ParamType, value: &Value, loc: Option<SourceLoc>) 
 }
 
 /// Turns a serde-saphyr error into ours, with its location and a hint.
+/// YAML 1.2 core schema for booleans: only `true`/`false` are booleans, so `y`, `no`, `on` and
+/// `off` (YAML 1.1 booleans) stay the strings they look like, in `foreach:` lists and params.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! { strict_booleans: true }
+}
+
 fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigErrors {
     let location = e.location().map(|l| SourceLoc::File {
         path: file.to_path_buf(),
@@ -1159,6 +1334,29 @@ fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigErrors {
         _ => message,
     };
     let mut error = ConfigError::new(message.to_string(), location);
+    // The YAML library's own words name its API; say it in the pipeline's terms.
+    if let Some(rest) = message.strip_prefix("duplicate mapping key") {
+        let key = rest
+            .trim_start_matches(':')
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim();
+        error.message = if key.is_empty() {
+            "duplicate key in a mapping".into()
+        } else {
+            format!("duplicate key `{key}`")
+        };
+        return ConfigErrors(vec![error.hint(
+            "each key may appear once in a mapping; remove or rename one of them",
+        )]);
+    }
+    if message.contains("from_str_multiple") {
+        error.message = "the file holds more than one YAML document".into();
+        return ConfigErrors(vec![error.hint(
+            "a pipeline is one document: remove the `---` line (use `--with FILE` to layer another file)",
+        )]);
+    }
     if let Some(rest) = message.split("unknown field `").nth(1) {
         let field = rest.split('`').next().unwrap_or_default();
         let expected: Vec<&str> = rest

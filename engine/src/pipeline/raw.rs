@@ -18,6 +18,10 @@ pub(crate) struct RawPipeline {
     /// Env variables every stage's key depends on.
     #[serde(default)]
     pub env: Vec<Spanned<String>>,
+    /// Files or folders outside the workspace root that `file:` inputs may read (relative to
+    /// the root, or absolute). Without them, an input outside the root is refused.
+    #[serde(default)]
+    pub external: Vec<Spanned<String>>,
     /// YAML anchors to reuse in stages (`<<: *name`); ignored otherwise.
     #[serde(default)]
     #[allow(dead_code)]
@@ -55,6 +59,9 @@ pub(crate) struct RawStage {
     /// Run-time fan-out: one stage per child listed in this stage's `fanout.json`.
     #[serde(default)]
     pub fanout: Option<Spanned<String>>,
+    /// Settings for `--executor slurm` over autoscale.toml's `[slurm]`; not part of the key.
+    #[serde(default)]
+    pub slurm: Option<crate::pipeline::SlurmSettings>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1204,6 +1204,7 @@ fn base_weights_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use autoscale_errors::Hint;
 
     /// SplitMix64: a seeded generator so property tests are reproducible without a crate.
     struct Rng(u64);

@@ -1,6 +1,7 @@
 //! The one error type of the crate: every variant names the input it concerns (CSV line,
 //! column, domain, option) so a person can fix it without reading the source.
 
+use autoscale_errors::Hint;
 use std::path::PathBuf;
 
 /// Everything that can go wrong in mixture math. `hint()` adds a suggested fix where one exists.
@@ -71,9 +72,9 @@ pub enum MixError {
     },
 }
 
-impl MixError {
+impl Hint for MixError {
     /// A suggested fix, for the renderer's `hint:` line; `None` where the message says it all.
-    pub fn hint(&self) -> Option<String> {
+    fn hint(&self) -> Option<String> {
         let hint = match self {
             Self::MissingColumn { .. } => {
                 "the header must be `perturbed,multiplier,<domain>,...` with one perplexity column per evaluation domain"
@@ -100,7 +101,9 @@ impl MixError {
         };
         Some(hint.to_owned())
     }
+}
 
+impl MixError {
     pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::InvalidInput {
             what: what.into(),

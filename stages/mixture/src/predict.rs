@@ -926,6 +926,48 @@ mod tests {
         at(0.5 * (lo + hi))
     }
 
+    /// The fixture's optimum is checked against a solver that shares nothing with it (nor with
+    /// the code under test): a refined grid search over the simplex for the least loss.
+    #[test]
+    fn the_fixture_optimum_is_the_minimum_a_grid_search_finds() {
+        let loss = |n: &[f64]| -> f64 {
+            n.iter()
+                .zip(BETA.iter().zip(&GAMMA))
+                .map(|(n, (b, g))| b * n.powf(-g))
+                .sum()
+        };
+        for total in [1e8, 5e9] {
+            let (mut cx, mut cy, mut half) = (total / 3.0, total / 3.0, total / 3.0);
+            for _ in 0..40 {
+                let mut best = (f64::INFINITY, cx, cy);
+                for i in 0..=40 {
+                    for j in 0..=40 {
+                        let x = (cx - half + 2.0 * half * f64::from(i) / 40.0).max(1.0);
+                        let y = (cy - half + 2.0 * half * f64::from(j) / 40.0).max(1.0);
+                        if x + y >= total {
+                            continue;
+                        }
+                        let v = loss(&[x, y, total - x - y]);
+                        if v < best.0 {
+                            best = (v, x, y);
+                        }
+                    }
+                }
+                (cx, cy) = (best.1, best.2);
+                half *= 0.5;
+            }
+            let grid = [cx, cy, total - cx - cy];
+            let fixture = true_optimum(&BETA, &GAMMA, total);
+            for (g, f) in grid.iter().zip(&fixture) {
+                assert!(
+                    ((g - f) / f).abs() < 1e-4,
+                    "{total}: grid {grid:?} vs {fixture:?}"
+                );
+            }
+            assert!(loss(&fixture) <= loss(&grid) * (1.0 + 1e-12));
+        }
+    }
+
     const NAMES: [&str; 3] = ["books", "c4", "github"];
     const BETA: [f64; 3] = [1e3, 5e2, 2e4];
     const GAMMA: [f64; 3] = [0.3, 0.5, 0.4];

@@ -22,7 +22,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use autoscale_engine::{ParamSpec, ParamType, StageContext, StageError, StageKind};
+use autoscale_engine::{Implementation, ParamSpec, ParamType, StageContext, StageError, StageKind};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -243,8 +243,8 @@ impl StageKind for DownloadKind {
         "download"
     }
 
-    fn version(&self) -> u32 {
-        1
+    fn implementation(&self) -> Implementation {
+        crate::implementations::DOWNLOAD
     }
 
     fn summary(&self) -> &'static str {

@@ -4,6 +4,7 @@ use std::io;
 use std::path::PathBuf;
 
 use autoscale_engine::StageError;
+use autoscale_errors::Hint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -74,9 +75,9 @@ pub enum DataError {
     Cancelled,
 }
 
-impl DataError {
+impl Hint for DataError {
     /// What the person can do about it.
-    pub fn hint(&self) -> Option<String> {
+    fn hint(&self) -> Option<String> {
         Some(match self {
             DataError::Param { .. } => "`autoscale kinds` lists each kind's params".into(),
             DataError::Input { .. } => {
@@ -136,6 +137,7 @@ impl From<DataError> for StageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use autoscale_errors::Hint;
 
     #[test]
     fn the_stage_error_carries_the_cause_and_the_hint() {

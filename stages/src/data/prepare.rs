@@ -27,7 +27,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use autoscale_engine::{ParamSpec, ParamType, StageContext, StageError, StageKind};
+use autoscale_engine::{Implementation, ParamSpec, ParamType, StageContext, StageError, StageKind};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
@@ -233,8 +233,8 @@ impl StageKind for PrepareKind {
         "prepare"
     }
 
-    fn version(&self) -> u32 {
-        1
+    fn implementation(&self) -> Implementation {
+        crate::implementations::PREPARE
     }
 
     fn summary(&self) -> &'static str {

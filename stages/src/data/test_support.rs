@@ -61,6 +61,7 @@ impl Harness {
             env: &env,
             cancel: &self.cancel,
             progress: &progress,
+            on_group: &|_| {},
         };
         let value = kind.run(&ctx)?;
         Ok((out_dir, value))

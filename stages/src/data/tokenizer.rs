@@ -13,7 +13,9 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use autoscale_engine::{InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind};
+use autoscale_engine::{
+    Implementation, InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind,
+};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
@@ -135,8 +137,8 @@ impl StageKind for TokenizerKind {
         "tokenizer"
     }
 
-    fn version(&self) -> u32 {
-        1
+    fn implementation(&self) -> Implementation {
+        crate::implementations::TOKENIZER
     }
 
     fn summary(&self) -> &'static str {

@@ -21,13 +21,16 @@ mod plots;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use autoscale_engine::{InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind};
+use autoscale_engine::{
+    Implementation, InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind,
+};
 use autoscale_mixture::{DdoReport, Prediction};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::font::FontError;
 use crate::learning::Learning;
+use autoscale_errors::Hint;
 use document::Document;
 
 /// `report`: the target-scale comparison of the mixtures, with plots.
@@ -120,8 +123,8 @@ pub enum ReportError {
     Font(#[from] FontError),
 }
 
-impl ReportError {
-    pub fn hint(&self) -> Option<String> {
+impl Hint for ReportError {
+    fn hint(&self) -> Option<String> {
         Some(match self {
             Self::Param { .. } => "`autoscale kinds` lists each kind's params".into(),
             Self::NoRuns { .. } | Self::RunsNotFanned { .. } | Self::EmptyRuns { .. } => {
@@ -163,8 +166,8 @@ impl StageKind for ReportKind {
         "report"
     }
 
-    fn version(&self) -> u32 {
-        1
+    fn implementation(&self) -> Implementation {
+        crate::implementations::REPORT
     }
 
     fn summary(&self) -> &'static str {

@@ -28,9 +28,11 @@
 //!
 //! **Arrow IPC shards** (what the `shard` kind writes): a directory whose `manifest.json` says
 //! `"format": "arrow-ipc-stream"`, one column of `uint16`/`uint32` ids per shard file, each
-//! document *followed* by its end-of-text id. On open, each split's shards are decoded once into
-//! an unnamed temporary file (2 or 4 bytes per token, in `$TMPDIR`), which is then read a
-//! window at a time like the layout above; memory stays one record batch.
+//! document *followed* by its end-of-text id, uncompressed. On open, only the record batches'
+//! headers are read, into an index (token range -> file and byte offset); a window is then one
+//! `pread` from the shard file in place. Nothing is decoded ahead or written to disk, and memory
+//! is the index plus one window. Compressed shards (what `shard` wrote before) are refused with
+//! a hint to rerun it.
 //!
 //! **A RedPajama-layout JSONL corpus** (tests, the demo): `DIR/<domain>.jsonl`, one
 //! `{"text": ...}` per line. Text is tokenized here, one token per UTF-8 byte plus end-of-text
@@ -106,13 +108,22 @@ pub enum TokenStore {
         width: usize,
         len: u64,
     },
+    /// Arrow IPC shards read in place (see [`Extent`]).
+    Arrow {
+        files: Vec<(File, PathBuf)>,
+        extents: Vec<Extent>,
+        width: usize,
+        /// Ids must be below it.
+        vocab: i64,
+        len: u64,
+    },
 }
 
 impl TokenStore {
     pub fn len(&self) -> u64 {
         match self {
             TokenStore::Memory(v) => v.len() as u64,
-            TokenStore::File { len, .. } => *len,
+            TokenStore::File { len, .. } | TokenStore::Arrow { len, .. } => *len,
         }
     }
 
@@ -141,17 +152,46 @@ impl TokenStore {
                 let mut buf = vec![0u8; out.len() * width];
                 file.read_exact_at(&mut buf, start * *width as u64)
                     .map_err(|e| TrainError::io("read tokens from", path, e))?;
-                match width {
-                    2 => {
-                        for (o, c) in out.iter_mut().zip(buf.chunks_exact(2)) {
-                            *o = i64::from(u16::from_le_bytes([c[0], c[1]]));
-                        }
-                    }
-                    _ => {
-                        for (o, c) in out.iter_mut().zip(buf.chunks_exact(4)) {
-                            *o = i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-                        }
-                    }
+                decode_ids(&buf, *width, out);
+            }
+            TokenStore::Arrow {
+                files,
+                extents,
+                width,
+                vocab,
+                ..
+            } => {
+                let w = *width;
+                let mut buf = vec![0u8; out.len() * w];
+                let mut i = extents.partition_point(|e| e.start + e.tokens <= start);
+                let (mut pos, mut filled) = (start, 0usize);
+                while filled < out.len() {
+                    let e = extents.get(i).ok_or_else(|| {
+                        TrainError::data(
+                            self.describe(),
+                            format!("no record batch holds token {pos}"),
+                        )
+                    })?;
+                    let within = pos - e.start;
+                    let n = (e.tokens - within).min((out.len() - filled) as u64) as usize;
+                    let (file, path) = &files[e.file];
+                    file.read_exact_at(
+                        &mut buf[filled * w..(filled + n) * w],
+                        e.offset + within * w as u64,
+                    )
+                    .map_err(|err| TrainError::io("read tokens from", path, err))?;
+                    filled += n;
+                    pos += n as u64;
+                    i += 1;
+                }
+                decode_ids(&buf, w, out);
+                if let Some(bad) = out.iter().find(|&&id| id >= *vocab) {
+                    return Err(TrainError::data(
+                        self.describe(),
+                        format!(
+                            "token id {bad} in {start}..{end} is outside the vocabulary of {vocab}"
+                        ),
+                    ));
                 }
             }
         }
@@ -162,6 +202,10 @@ impl TokenStore {
         match self {
             TokenStore::Memory(_) => PathBuf::from("<tokenized corpus>"),
             TokenStore::File { path, .. } => path.clone(),
+            TokenStore::Arrow { files, .. } => files
+                .first()
+                .and_then(|(_, p)| p.parent())
+                .map_or_else(|| PathBuf::from("<empty split>"), Path::to_path_buf),
         }
     }
 }
@@ -433,7 +477,7 @@ fn open_arrow_shards(dir: &Path, only: Option<&[String]>) -> Result<Corpus, Trai
                 TrainError::data(&path, format!("domain `{name}` has no `{split}` split"))
             })?;
             Ok(Split {
-                tokens: decode_arrow_split(dir, s, width, manifest.vocab_size)?,
+                tokens: index_arrow_split(dir, s, width, manifest.vocab_size)?,
                 docs: s.documents,
                 bytes: s.bytes,
             })
@@ -455,20 +499,28 @@ fn open_arrow_shards(dir: &Path, only: Option<&[String]>) -> Result<Corpus, Trai
     })
 }
 
-/// One split's Arrow shards, decoded in order into an unnamed temporary file of
-/// little-endian ids, checked against the manifest's counts and the vocabulary.
-fn decode_arrow_split(
+/// One record batch's token ids in a shard file: tokens `start .. start + tokens` of the
+/// split, `width`-byte little-endian ids at byte `offset` of file `file`.
+#[derive(Debug, Clone, Copy)]
+pub struct Extent {
+    start: u64,
+    tokens: u64,
+    file: usize,
+    offset: u64,
+}
+
+/// One split's Arrow shards, indexed in place: the record batches' headers are read (not their
+/// bodies), so a window is one `pread` from the shard file itself. Nothing is decoded ahead and
+/// nothing is written; memory is the index, a few dozen bytes per record batch. The counts are
+/// checked against the manifest; ids are checked against the vocabulary as windows are read.
+fn index_arrow_split(
     dir: &Path,
     split: &ArrowSplit,
     width: usize,
     vocab: i64,
 ) -> Result<TokenStore, TrainError> {
-    use arrow_array::{Array, UInt16Array, UInt32Array};
-    use std::io::BufWriter;
-
-    let tmp =
-        tempfile::tempfile().map_err(|e| TrainError::io("create", std::env::temp_dir(), e))?;
-    let mut out = BufWriter::with_capacity(1 << 20, tmp);
+    let mut files = Vec::with_capacity(split.shards.len());
+    let mut extents = Vec::new();
     let mut total = 0u64;
     for shard in &split.shards {
         let rel = Path::new(&shard.file);
@@ -483,41 +535,8 @@ fn decode_arrow_split(
         }
         let file_path = dir.join(rel);
         let file = File::open(&file_path).map_err(|e| TrainError::io("open", &file_path, e))?;
-        let reader = arrow_ipc::reader::StreamReader::try_new(BufReader::new(file), None)
-            .map_err(|e| TrainError::data(&file_path, format!("not an Arrow IPC stream: {e}")))?;
-        let mut in_shard = 0u64;
-        for batch in reader {
-            let batch = batch
-                .map_err(|e| TrainError::data(&file_path, format!("unreadable batch: {e}")))?;
-            let column = batch.column(0);
-            let mut bytes = Vec::with_capacity(column.len() * width);
-            let mut max = 0u32;
-            if let Some(ids) = column.as_any().downcast_ref::<UInt16Array>() {
-                for &id in ids.values() {
-                    max = max.max(u32::from(id));
-                    push_id(&mut bytes, u32::from(id), width);
-                }
-            } else if let Some(ids) = column.as_any().downcast_ref::<UInt32Array>() {
-                for &id in ids.values() {
-                    max = max.max(id);
-                    push_id(&mut bytes, id, width);
-                }
-            } else {
-                return Err(TrainError::data(
-                    &file_path,
-                    format!("column is {}, not uint16/uint32", column.data_type()),
-                ));
-            }
-            if column.null_count() > 0 || i64::from(max) >= vocab {
-                return Err(TrainError::data(
-                    &file_path,
-                    format!("holds nulls or ids outside the vocabulary of {vocab}"),
-                ));
-            }
-            in_shard += column.len() as u64;
-            out.write_all(&bytes)
-                .map_err(|e| TrainError::io("write", std::env::temp_dir(), e))?;
-        }
+        let in_shard =
+            index_arrow_stream(&file, &file_path, files.len(), total, width, &mut extents)?;
         if in_shard != shard.tokens {
             return Err(TrainError::data(
                 &file_path,
@@ -528,6 +547,7 @@ fn decode_arrow_split(
             ));
         }
         total += in_shard;
+        files.push((file, file_path));
     }
     if total != split.tokens {
         return Err(TrainError::data(
@@ -538,22 +558,153 @@ fn decode_arrow_split(
             ),
         ));
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| TrainError::io("write", std::env::temp_dir(), e.into_error()))?;
-    Ok(TokenStore::File {
-        file,
-        path: dir.to_path_buf(),
+    Ok(TokenStore::Arrow {
+        files,
+        extents,
         width,
+        vocab,
         len: total,
     })
 }
 
-fn push_id(bytes: &mut Vec<u8>, id: u32, width: usize) {
+/// Walks an Arrow IPC stream's messages (continuation marker, metadata length, flatbuffer
+/// `Message`, body), adding one [`Extent`] per record batch; returns the tokens it holds.
+fn index_arrow_stream(
+    file: &File,
+    path: &Path,
+    index: usize,
+    first_token: u64,
+    width: usize,
+    extents: &mut Vec<Extent>,
+) -> Result<u64, TrainError> {
+    use arrow_ipc::MessageHeader;
+
+    let bad = |message: String| TrainError::Data {
+        path: path.to_path_buf(),
+        message,
+        hint: Some("rerun the `shard` stage that wrote it".into()),
+    };
+    let size = file
+        .metadata()
+        .map_err(|e| TrainError::io("stat", path, e))?
+        .len();
+    let read_at = |buf: &mut [u8], at: u64| {
+        file.read_exact_at(buf, at)
+            .map_err(|e| TrainError::io("read", path, e))
+    };
+    let mut at = 0u64;
+    let mut tokens = 0u64;
+    let mut schema_seen = false;
+    loop {
+        if at + 4 > size {
+            return Err(bad(format!(
+                "the Arrow IPC stream ends without its end marker at byte {at}"
+            )));
+        }
+        let mut word = [0u8; 4];
+        read_at(&mut word, at)?;
+        at += 4;
+        if word == [0xff; 4] {
+            if at + 4 > size {
+                return Err(bad(format!("truncated Arrow IPC message at byte {at}")));
+            }
+            read_at(&mut word, at)?;
+            at += 4;
+        }
+        let meta_len = u64::from(u32::from_le_bytes(word));
+        if meta_len == 0 {
+            break;
+        }
+        if at + meta_len > size {
+            return Err(bad(format!("truncated Arrow IPC message at byte {at}")));
+        }
+        let mut meta = vec![0u8; meta_len as usize];
+        read_at(&mut meta, at)?;
+        at += meta_len;
+        let message = arrow_ipc::root_as_message(&meta).map_err(|e| {
+            bad(format!(
+                "not an Arrow IPC stream (message at byte {at}): {e}"
+            ))
+        })?;
+        let body = u64::try_from(message.bodyLength())
+            .map_err(|_| bad("a negative Arrow IPC body length".into()))?;
+        if at + body > size {
+            return Err(bad(format!("truncated Arrow IPC body at byte {at}")));
+        }
+        match message.header_type() {
+            MessageHeader::Schema => schema_seen = true,
+            MessageHeader::RecordBatch if schema_seen => {
+                let batch = message
+                    .header_as_record_batch()
+                    .ok_or_else(|| bad("a record batch message without its header".into()))?;
+                if batch.compression().is_some() {
+                    return Err(TrainError::Data {
+                        path: path.to_path_buf(),
+                        message: "holds compressed record batches, which the trainer does not read in place".into(),
+                        hint: Some(
+                            "shards from an autoscale before 0.1 (zstd): rerun the `shard` stage, which now writes uncompressed buffers (its key changed, so `autoscale run` does)"
+                                .into(),
+                        ),
+                    });
+                }
+                let (Some(nodes), Some(buffers)) = (batch.nodes(), batch.buffers()) else {
+                    return Err(bad("a record batch without nodes or buffers".into()));
+                };
+                if nodes.len() != 1 || buffers.len() != 2 {
+                    return Err(bad(format!(
+                        "a record batch of {} columns and {} buffers, not one column of ids",
+                        nodes.len(),
+                        buffers.len()
+                    )));
+                }
+                let node = nodes.get(0);
+                let values = buffers.get(1);
+                let n = u64::try_from(node.length()).unwrap_or(u64::MAX);
+                let (offset, length) = (
+                    u64::try_from(values.offset()).unwrap_or(u64::MAX),
+                    u64::try_from(values.length()).unwrap_or(u64::MAX),
+                );
+                if node.null_count() != 0 {
+                    return Err(bad("holds null token ids".into()));
+                }
+                if n.checked_mul(width as u64).is_none_or(|need| need > length)
+                    || offset.checked_add(length).is_none_or(|end| end > body)
+                {
+                    return Err(bad(format!(
+                        "a record batch of {n} ids whose buffer ({length} bytes at {offset}) does not fit"
+                    )));
+                }
+                if n > 0 {
+                    extents.push(Extent {
+                        start: first_token + tokens,
+                        tokens: n,
+                        file: index,
+                        offset: at + offset,
+                    });
+                }
+                tokens += n;
+            }
+            other => {
+                return Err(bad(format!(
+                    "an Arrow IPC message of type {other:?} where a schema or record batch belongs"
+                )));
+            }
+        }
+        at += body;
+    }
+    Ok(tokens)
+}
+
+/// Little-endian ids of `width` bytes into `out`.
+fn decode_ids(bytes: &[u8], width: usize, out: &mut [i64]) {
     if width == 2 {
-        bytes.extend_from_slice(&(id as u16).to_le_bytes());
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            *o = i64::from(u16::from_le_bytes([c[0], c[1]]));
+        }
     } else {
-        bytes.extend_from_slice(&id.to_le_bytes());
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        }
     }
 }
 
@@ -791,6 +942,7 @@ pub fn split_documents(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use autoscale_errors::Hint;
 
     fn fixture() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/corpus")
@@ -893,5 +1045,137 @@ mod tests {
         let err =
             Corpus::open(&fixture(), HeldOut::default(), Some(&["poetry".into()])).unwrap_err();
         assert!(matches!(err, TrainError::UnknownDomain { .. }), "{err}");
+    }
+
+    /// Writes `ids` as one domain's `train` split: `shards` Arrow IPC stream files of record
+    /// batches of `batch` ids, uncompressed unless `zstd`; `val` gets the first 100 ids.
+    fn write_arrow_shards(dir: &Path, ids: &[u16], shards: usize, batch: usize, zstd: bool) {
+        use arrow_array::{ArrayRef, RecordBatch, UInt16Array};
+        use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
+        use std::sync::Arc;
+
+        let write = |rel: &str, part: &[u16]| {
+            let path = dir.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let mut options = IpcWriteOptions::default();
+            if zstd {
+                options = options
+                    .try_with_compression(Some(arrow_ipc::CompressionType::ZSTD))
+                    .unwrap();
+            }
+            let mut writer: Option<StreamWriter<File>> = None;
+            for chunk in part.chunks(batch) {
+                let column: ArrayRef = Arc::new(UInt16Array::from(chunk.to_vec()));
+                let rb = RecordBatch::try_from_iter([("token", column)]).unwrap();
+                let w = writer.get_or_insert_with(|| {
+                    StreamWriter::try_new_with_options(
+                        File::create(&path).unwrap(),
+                        &rb.schema(),
+                        options.clone(),
+                    )
+                    .unwrap()
+                });
+                w.write(&rb).unwrap();
+            }
+            writer.unwrap().finish().unwrap();
+            json!({"file": rel, "tokens": part.len()})
+        };
+        let per = ids.len().div_ceil(shards);
+        let train: Vec<Value> = ids
+            .chunks(per)
+            .enumerate()
+            .map(|(i, part)| write(&format!("d/train/shard-{i:05}.arrow"), part))
+            .collect();
+        let val = vec![write("d/val/shard-00000.arrow", &ids[..100])];
+        let split = |shards: Vec<Value>, tokens: usize| json!({"tokens": tokens, "documents": 1, "bytes": tokens, "shards": shards});
+        let manifest = json!({
+            "format": ARROW_FORMAT, "compression": if zstd { "zstd" } else { "none" },
+            "column": "token", "dtype": "uint16", "eot_id": 0, "vocab_size": 1000,
+            "domains": {"d": {"train": split(train, ids.len()), "val": split(val, 100)}},
+        });
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    }
+
+    /// Bytes this thread has written (`/proc/thread-self/io`), unnamed temp files included.
+    fn written_by_this_thread() -> u64 {
+        let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes: "))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn arrow_shards_are_read_in_place_across_batches_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // 200,000 ids in 3 shard files of record batches of 4,096: windows cross both.
+        let ids: Vec<u16> = (0..200_000u32)
+            .map(|i| ((i * 7919) % 1000) as u16)
+            .collect();
+        write_arrow_shards(dir.path(), &ids, 3, 4096, false);
+        let written = written_by_this_thread();
+        let corpus = Corpus::open(dir.path(), HeldOut::default(), None).unwrap();
+        let train = &corpus.domain("d").unwrap().train;
+        assert_eq!(train.tokens.len(), ids.len() as u64);
+        let TokenStore::Arrow { extents, .. } = &train.tokens else {
+            panic!("not read in place: {:?}", train.tokens.len());
+        };
+        assert_eq!(extents.len(), 3 * 66_667usize.div_ceil(4096));
+        let mut rng = crate::rng::SplitMix64::new(1);
+        let mut window = vec![0i64; 1025];
+        for _ in 0..500 {
+            let start = rng.below(ids.len() as u64 - 1025);
+            train.tokens.read(start, &mut window).unwrap();
+            let expect: Vec<i64> = ids[start as usize..start as usize + 1025]
+                .iter()
+                .map(|&t| i64::from(t))
+                .collect();
+            assert_eq!(window, expect, "window at {start}");
+        }
+        // The last window of the split, through the end of the last file.
+        let end = ids.len() as u64 - 1025;
+        train.tokens.read(end, &mut window).unwrap();
+        assert_eq!(window[1024], i64::from(ids[ids.len() - 1]));
+        // Opening and reading wrote nothing: no decoded copy, named or not.
+        assert_eq!(written_by_this_thread() - written, 0);
+        assert!(train.tokens.read(end + 1, &mut window).is_err());
+    }
+
+    #[test]
+    fn compressed_or_out_of_vocabulary_shards_are_refused_with_a_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<u16> = (0..10_000u32).map(|i| (i % 1000) as u16).collect();
+        write_arrow_shards(dir.path(), &ids, 1, 4096, true);
+        let err = Corpus::open(dir.path(), HeldOut::default(), None).unwrap_err();
+        assert!(err.to_string().contains("compressed"), "{err}");
+        assert!(
+            err.hint().unwrap().contains("rerun the `shard` stage"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = ids;
+        ids[5000] = 1500;
+        write_arrow_shards(dir.path(), &ids, 1, 4096, false);
+        let corpus = Corpus::open(dir.path(), HeldOut::default(), None).unwrap();
+        let train = &corpus.domain("d").unwrap().train;
+        let mut window = vec![0i64; 100];
+        train.tokens.read(0, &mut window).unwrap();
+        let err = train.tokens.read(4990, &mut window).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+
+        // A truncated file is caught when the corpus opens.
+        let shard = dir.path().join("d/train/shard-00000.arrow");
+        let len = std::fs::metadata(&shard).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&shard)
+            .unwrap()
+            .set_len(len - 100)
+            .unwrap();
+        let err = Corpus::open(dir.path(), HeldOut::default(), None).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
     }
 }

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use autoscale_engine::StageError;
+use autoscale_errors::Hint;
 
 /// Why a `train` or `eval` job could not run.
 #[derive(Debug, thiserror::Error)]
@@ -95,8 +96,15 @@ impl TrainError {
         TrainError::Torch { message, hint }
     }
 
+    /// The message with its sources, one line.
+    pub fn message(&self) -> String {
+        autoscale_errors::one_line(self)
+    }
+}
+
+impl Hint for TrainError {
     /// What the user can do about it.
-    pub fn hint(&self) -> Option<String> {
+    fn hint(&self) -> Option<String> {
         match self {
             TrainError::Param { hint, .. }
             | TrainError::Input { hint, .. }
@@ -108,18 +116,6 @@ impl TrainError {
             }
             TrainError::Io { .. } | TrainError::Cancelled => None,
         }
-    }
-
-    /// The message with its sources, one line.
-    pub fn message(&self) -> String {
-        let mut text = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
-        }
-        text
     }
 }
 

@@ -16,12 +16,16 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use autoscale_engine::{InputPath, ParamSpec, ParamType, StageContext, StageError, StageKind};
+use autoscale_engine::{
+    DeviceClass, Implementation, InputPath, ParamSpec, ParamType, StageContext, StageError,
+    StageKind,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::TrainError;
 use crate::spec::{self, DeviceRequest, Job};
+use autoscale_errors::Hint;
 
 /// The trainer binary's subcommand that runs a job: `autoscale-train job JOB.json --identity ID`.
 pub const CHILD_SUBCOMMAND: &str = "job";
@@ -123,6 +127,11 @@ const TRAIN_PARAMS: &[ParamSpec] = &[
         "grad_accum",
         ParamType::Int,
         "micro-batches per optimizer step [default: 1]",
+    ),
+    ParamSpec::optional(
+        "replicas",
+        ParamType::Int,
+        "data-parallel model replicas in the one process, each taking its share of every micro-batch (`batch_size` is the global micro-batch); gradients are summed every step, so the training is that of one replica up to float rounding; on CUDA they go round-robin over the stage's devices [default: one per device; 1 on the CPU]",
     ),
     ParamSpec::optional(
         "lr",
@@ -317,12 +326,12 @@ impl StageKind for TrainKind {
         "train"
     }
 
-    fn version(&self) -> u32 {
-        1
+    fn implementation(&self) -> Implementation {
+        crate::train_implementation()
     }
 
-    fn implementation(&self) -> Option<&str> {
-        Some(crate::TRAINER_IDENTITY)
+    fn device_identity(&self, class: DeviceClass) -> Option<&'static str> {
+        Some(crate::device_identity(class))
     }
 
     fn summary(&self) -> &'static str {
@@ -377,12 +386,12 @@ impl StageKind for EvalKind {
         "eval"
     }
 
-    fn version(&self) -> u32 {
-        1
+    fn implementation(&self) -> Implementation {
+        crate::eval_implementation()
     }
 
-    fn implementation(&self) -> Option<&str> {
-        Some(crate::TRAINER_IDENTITY)
+    fn device_identity(&self, class: DeviceClass) -> Option<&'static str> {
+        Some(crate::device_identity(class))
     }
 
     fn summary(&self) -> &'static str {
@@ -471,7 +480,7 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
     let devices = ctx
         .devices
         .as_ref()
-        .map(|d| d.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+        .map(|d| autoscale_engine::Device::visible(d))
         .unwrap_or_default();
     let mut command = autoscale_engine::process::group_command(exe);
     command
@@ -498,6 +507,16 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
                 crate::BUILD_HINT
             )),
         })?;
+    ctx.started_group(pgid);
+    // The parent-death signal reaches the trainer only; the watcher takes its whole group
+    // (data workers included) down with the engine. Unwatched once the group is reaped.
+    let _watched = autoscale_engine::process::watch(pgid).map_err(|e| {
+        autoscale_engine::process::stop_group(pgid, &mut child, std::time::Duration::ZERO);
+        TrainError::Child {
+            message: format!("the stage watcher is gone ({e})"),
+            hint: None,
+        }
+    })?;
     let Some(stdout) = child.stdout.take() else {
         return Err(TrainError::Child {
             message: "no pipe to the training process".into(),

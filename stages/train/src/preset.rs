@@ -230,6 +230,7 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use autoscale_errors::Hint;
 
     #[test]
     fn presets_have_hugging_face_parameter_counts() {

@@ -231,6 +231,7 @@ impl SequencePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use autoscale_errors::Hint;
 
     fn map(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
         pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()

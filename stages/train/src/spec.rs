@@ -91,6 +91,9 @@ pub struct TrainSpec {
     /// Seeds the data draw when set; `seed` otherwise. Replicates that share `seed` and differ
     /// here share an initialisation, so their spread is the data draw's noise alone.
     pub data_seed: Option<u64>,
+    /// Data-parallel replicas (`None`: one per device).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u64>,
     pub eval: EvalOptions,
     /// Steps between checkpoints (`None`: twenty per run).
     pub checkpoint_every: Option<u64>,
@@ -416,6 +419,7 @@ pub fn train_spec(
         adam_eps: 1e-8,
         seed: count(params, "seed")?.unwrap_or(0),
         data_seed: count(params, "data_seed")?,
+        replicas: nonzero(params, "replicas")?,
         eval: EvalOptions {
             domains: strings(params, "eval_domains")?,
             tokens: eval_tokens,
@@ -461,6 +465,7 @@ pub fn eval_spec(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use autoscale_errors::Hint;
     use serde_json::json;
 
     fn params(v: Value) -> Map<String, Value> {

@@ -199,18 +199,20 @@ pub fn write_json(path: &std::path::Path, value: &Value) -> Result<(), TrainErro
     std::fs::rename(&tmp, path).map_err(|e| TrainError::io("rename into place", path, e))
 }
 
-pub fn device(request: DeviceRequest, log: &dyn Fn(&str)) -> Result<tch::Device, TrainError> {
+/// The first device of [`devices`]: where an `eval` job runs.
+pub fn device(request: DeviceRequest) -> Result<tch::Device, TrainError> {
+    Ok(devices(request)?[0])
+}
+
+/// The devices a job was given: the CPU, or every CUDA device the process sees (the kind pins
+/// the stage's devices with `CUDA_VISIBLE_DEVICES`).
+pub fn devices(request: DeviceRequest) -> Result<Vec<tch::Device>, TrainError> {
     match request {
-        DeviceRequest::Cpu => Ok(tch::Device::Cpu),
+        DeviceRequest::Cpu => Ok(vec![tch::Device::Cpu]),
         DeviceRequest::Cuda => {
             if tch::Cuda::is_available() {
-                let n = tch::Cuda::device_count();
-                if n > 1 {
-                    log(&format!(
-                        "warning: {n} devices assigned; this training uses the first (no data parallelism yet)"
-                    ));
-                }
-                Ok(tch::Device::Cuda(0))
+                let n = tch::Cuda::device_count().max(1);
+                Ok((0..n as usize).map(tch::Device::Cuda).collect())
             } else {
                 Err(TrainError::Torch {
                     message: format!(
@@ -235,7 +237,7 @@ pub fn set_threads(threads: Option<usize>) {
 /// The `eval` job: loads an exported model and scores it on any domains.
 pub fn eval_job(spec: &EvalSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError> {
     set_threads(spec.threads);
-    let device = device(spec.device, hooks.log)?;
+    let device = device(spec.device)?;
     let saved = export::read_info(&spec.model_dir)?;
     let corpus = Corpus::open(&spec.data, spec.held_out, spec.domains.as_deref())?;
     let domains: Vec<String> = match &spec.domains {

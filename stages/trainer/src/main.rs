@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
+use autoscale_errors::Hint;
 use autoscale_train::{ChildMessage, Job, JobHooks, TrainError};
 use clap::{Parser, Subcommand};
 

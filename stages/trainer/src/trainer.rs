@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use serde_json::{Value, json};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointIndex};
 use crate::evaluate::{self, DomainMetrics, check_ids, eval_sets, evaluate};
@@ -58,17 +58,69 @@ struct Run<'a> {
     plan: SequencePlan,
     /// The training split of each planned domain, by plan index.
     splits: Vec<String>,
+    /// Replica 0: the weights the optimizer updates, evaluates and saves.
     model: Model,
+    /// Replicas 1.., copies of replica 0 before the first step and after every step.
+    others: Vec<Model>,
+    /// Replica r's device.
+    replica_devices: Vec<Device>,
     seq_len: u64,
 }
 
+/// Sums the replicas' gradients into replica 0's, on `device`, adding replicas in order
+/// 0, 1, …, N−1: a fixed order, so that a run repeats exactly. Undefined gradients (a
+/// parameter no row reached) are skipped.
+fn reduce(grads: Vec<Option<Vec<Tensor>>>, device: Device) -> Result<Vec<Tensor>, TrainError> {
+    let _guard = tch::no_grad_guard();
+    let mut replicas = grads.into_iter().flatten();
+    let Some(mut sum) = replicas.next() else {
+        return Ok(Vec::new());
+    };
+    for other in replicas {
+        for (a, g) in sum.iter_mut().zip(other) {
+            if !g.defined() {
+                continue;
+            }
+            let g = g.f_to_device(device).torch()?;
+            if a.defined() {
+                let _ = a.f_add_(&g).torch()?;
+            } else {
+                *a = g;
+            }
+        }
+    }
+    Ok(sum)
+}
+
 impl Run<'_> {
+    fn replica(&self, r: usize) -> &Model {
+        if r == 0 {
+            &self.model
+        } else {
+            &self.others[r - 1]
+        }
+    }
+
+    /// Copies replica 0's weights into the others.
+    fn broadcast(&self) -> Result<(), TrainError> {
+        let _guard = tch::no_grad_guard();
+        for other in &self.others {
+            for ((_, dst), (_, src)) in other.params.tensors.iter().zip(&self.model.params.tensors)
+            {
+                dst.shallow_clone().f_copy_(src).torch()?;
+            }
+        }
+        Ok(())
+    }
+
     fn split(&self, domain: u32) -> Result<&Split, TrainError> {
         Ok(&self.corpus.domain(&self.splits[domain as usize])?.train)
     }
 
-    /// The micro-batches of training sequences `lo..hi`.
-    fn batches(&self, lo: u64, hi: u64) -> Result<Vec<Batch>, TrainError> {
+    /// The micro-batches of training sequences `lo..hi`, each split into contiguous shares of
+    /// its rows, one per replica (the first `rows mod N` replicas take one more; a replica
+    /// with no rows gets no batch), on the replica's device.
+    fn batches(&self, lo: u64, hi: u64) -> Result<Vec<Vec<(usize, Batch)>>, TrainError> {
         let mut out = Vec::new();
         let mut start = lo;
         while start < hi {
@@ -84,23 +136,35 @@ impl Run<'_> {
             }
             check_ids(&windows, &self.model.config, "training data")?;
             let config = &self.model.config;
-            let batch = match config.arch {
-                Arch::Gpt2 => {
-                    Some(Batch::next_token(&windows, config.eot_token, self.model.device).0)
+            let n = self.replica_devices.len();
+            let (base, extra) = (windows.len() / n, windows.len() % n);
+            let mut micro = Vec::with_capacity(n);
+            let mut first = 0usize;
+            for (r, &device) in self.replica_devices.iter().enumerate() {
+                let rows = &windows[first..first + base + usize::from(r < extra)];
+                let offset = start + first as u64;
+                first += rows.len();
+                if rows.is_empty() {
+                    continue;
                 }
-                Arch::Bert => Batch::masked(
-                    &windows,
-                    config,
-                    |row| {
-                        SplitMix64::for_stream(
-                            self.spec.seed,
-                            &[b"mask", &(start + row as u64).to_le_bytes()],
-                        )
-                    },
-                    self.model.device,
-                ),
-            };
-            out.extend(batch);
+                let batch = match config.arch {
+                    Arch::Gpt2 => Some(Batch::next_token(rows, config.eot_token, device).0),
+                    // Masks are drawn per global row, whichever replica takes it.
+                    Arch::Bert => Batch::masked(
+                        rows,
+                        config,
+                        |row| {
+                            SplitMix64::for_stream(
+                                self.spec.seed,
+                                &[b"mask", &(offset + row as u64).to_le_bytes()],
+                            )
+                        },
+                        device,
+                    ),
+                };
+                micro.extend(batch.map(|b| (r, b)));
+            }
+            out.push(micro);
             start = end;
         }
         Ok(out)
@@ -155,7 +219,13 @@ fn mean_last(values: &VecDeque<f64>, n: usize) -> Option<f64> {
 pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError> {
     let t_start = Instant::now();
     evaluate::set_threads(spec.threads);
-    let device = evaluate::device(spec.device, hooks.log)?;
+    let devices = evaluate::devices(spec.device)?;
+    let device = devices[0];
+    let n_replicas = spec.replicas.unwrap_or(devices.len() as u64) as usize;
+    // Replica r on device r mod D: two replicas on one GPU exercise the same path as two GPUs.
+    let replica_devices: Vec<Device> = (0..n_replicas)
+        .map(|r| devices[r % devices.len()])
+        .collect();
     let quantities = spec.mixture.request().quantities()?;
     let corpus = match &spec.eval.domains {
         Some(eval) => {
@@ -213,6 +283,12 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
     let fingerprint = fingerprint(spec);
 
     let model = Model::new(&config, device, spec.seed);
+    // The other replicas get replica 0's weights before the first step (drawing the init once)
+    // and again after every step.
+    let others: Vec<Model> = replica_devices[1..]
+        .iter()
+        .map(|&d| Model::empty(&config, d))
+        .collect();
     let mut opt = AdamW::new(
         &model.params,
         spec.beta1,
@@ -227,6 +303,8 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
         plan,
         splits,
         model,
+        others,
+        replica_devices,
         seq_len,
     };
     let curve_sets = eval_sets(&run.corpus, &eval_domains, seq_len, spec.eval.curve_tokens)?;
@@ -247,16 +325,24 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
         }
         None => None,
     };
+    run.broadcast()?;
 
+    // What the key calls it (`autoscale_train::device_identity`): bf16 inputs to matrix
+    // products, everything else fp32.
     let dtype = if run.model.compute == Kind::BFloat16 {
-        "bf16"
+        "bf16-matmul"
     } else {
         "fp32"
     };
     hooks.say(&format!(
-        "{} ({} parameters) on {device:?} in {dtype}, {} steps of {} tokens ({} sequences of {seq_len}), {} tokens in all",
+        "{} ({} parameters) on {device:?} in {dtype}{}, {} steps of {} tokens ({} sequences of {seq_len}), {} tokens in all",
         config.preset,
         config.parameter_count(),
+        if n_replicas > 1 {
+            format!(", {n_replicas} data-parallel replicas on {:?}", run.replica_devices)
+        } else {
+            String::new()
+        },
         steps,
         per_step * seq_len,
         per_step,
@@ -293,22 +379,29 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
         let lo = step * per_step;
         let hi = (lo + per_step).min(run.plan.len());
         let batches = run.batches(lo, hi)?;
-        let total: i64 = batches.iter().map(|b| b.count).sum();
+        let total: i64 = batches.iter().flatten().map(|(_, b)| b.count).sum();
         if spec.dropout > 0.0 {
             // Dropout draws from torch's generator; seeding it per step keeps a resumed run
             // on the same masks (this process runs one training).
             tch::manual_seed((spec.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64);
         }
         let mut step_loss = Tensor::zeros([], (Kind::Float, device));
-        let mut grads = None;
-        for batch in &batches {
-            let loss = run.model.loss_sum(batch, true)? / total.max(1) as f64;
-            grads = Some(backward(&loss, &run.model.params, grads).torch()?);
-            step_loss += loss.detach();
+        // Each replica's gradients of its rows' summed loss over the step's global count of
+        // targets (BERT's masked tokens differ per replica; the global count keeps the step
+        // that of one replica), accumulated over the micro-batches.
+        let mut grads: Vec<Option<Vec<Tensor>>> = (0..n_replicas).map(|_| None).collect();
+        for micro in &batches {
+            for (r, batch) in micro {
+                let model = run.replica(*r);
+                let loss = model.loss_sum(batch, true)? / total.max(1) as f64;
+                grads[*r] = Some(backward(&loss, &model.params, grads[*r].take()).torch()?);
+                step_loss += loss.detach().to_device(device);
+            }
         }
-        let grads = grads.unwrap_or_default();
+        let grads = reduce(grads, device)?;
         clip_grad_norm(&grads, spec.grad_clip);
         opt.step(&run.model.params, &grads, schedule.at(step));
+        run.broadcast()?;
         step += 1;
         pending.push(step_loss);
         window.1 += (hi - lo) * seq_len;
@@ -402,6 +495,7 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
         "parameters": config.parameter_count(),
         "device": if device.is_cuda() { "cuda" } else { "cpu" },
         "cuda_visible_devices": std::env::var("CUDA_VISIBLE_DEVICES").ok(),
+        "replicas": n_replicas,
         "dtype": dtype,
         "steps": steps,
         "seq_len": seq_len,

@@ -2,9 +2,13 @@
 //! shapes (`transformer.h.0.attn.c_attn.weight`, `bert.encoder.layer.0.attention.self.query.weight`),
 //! so a model saves as a `model.safetensors` that `transformers` loads.
 //!
-//! Master weights are fp32. On CUDA, matrix products run in bf16 and normalisation, softmax
-//! statistics and the loss in fp32, which is what autocast does (tch cannot select autocast's
-//! bf16 mode, so the casts are explicit); on the CPU everything is fp32.
+//! Master weights are fp32. On CUDA the trainer runs in what its keys call
+//! `cuda bf16-matmul fp32-master`: the inputs of every matrix product (the linear layers, the
+//! attention through `scaled_dot_product_attention`, the tied output projection) are cast to
+//! bf16 by hand, while embeddings, residual sums, layer norm, the loss and AdamW stay fp32.
+//! This is not autocast: tch 0.26 binds only CUDA autocast's on/off switch, whose default dtype
+//! is fp16, and fp16 without loss scaling would be a different, worse training. On the CPU
+//! everything is fp32; `tests/bf16.rs` checks the bf16 casts on the CPU against PyTorch.
 
 mod bert;
 mod gpt2;
@@ -292,11 +296,17 @@ impl Model {
 
     /// Full-sequence logits (`[batch, seq, vocab]`, fp32): for tests against Hugging Face.
     pub fn logits(&self, inputs: &Tensor) -> Tensor {
+        self.logits_in(inputs, self.compute)
+    }
+
+    /// [`Model::logits`] with matrix products in `compute`: the bf16 path can be checked on
+    /// the CPU, against PyTorch doing the same casts.
+    pub fn logits_in(&self, inputs: &Tensor, compute: Kind) -> Tensor {
         let all = Tensor::arange(inputs.numel() as i64, (Kind::Int64, self.device));
         match &self.net {
-            Net::Gpt2(net) => net.forward(inputs, 0.0, self.compute).to_kind(Kind::Float),
+            Net::Gpt2(net) => net.forward(inputs, 0.0, compute).to_kind(Kind::Float),
             Net::Bert(net) => net
-                .forward_at(inputs, &all, 0.0, self.compute)
+                .forward_at(inputs, &all, 0.0, compute)
                 .view([inputs.size()[0], inputs.size()[1], -1])
                 .to_kind(Kind::Float),
         }
