@@ -9,9 +9,9 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::{ActionKey, Cache, CacheError, Manifest, VerifyProblem, hash_file, io_err};
+use crate::{ActionKey, Cache, CacheError, FileEntry, Manifest, VerifyProblem, hash_file, io_err};
 
 impl Cache {
     /// The first reason the entry cannot be served, if any. Cheap: one `stat` of each output
@@ -20,54 +20,69 @@ impl Cache {
     /// keeps its inode and is found by `verify`, which re-hashes every blob.
     pub fn check_entry(&self, manifest: &Manifest) -> Result<Option<VerifyProblem>, CacheError> {
         let out = self.output_dir(&manifest.key);
-        let problem = |path: PathBuf, problem: String| Ok(Some(VerifyProblem { path, problem }));
         if !out.is_dir() {
-            // The tree is rebuilt from blobs on use, as long as they are all there.
+            // The tree is rebuilt from blobs on use (hard links to them), as long as they are
+            // all there at their size: a short blob left from an interrupted download or a
+            // damaged store would otherwise be linked in and served.
             for file in &manifest.files {
-                if !self.has_blob(&file.digest) {
-                    return problem(
-                        self.blob_path(&file.digest),
-                        format!(
-                            "the blob of `{}` is missing and so is the output folder",
+                let raw = fs::metadata(self.blob_path(&file.digest));
+                let intact = match raw {
+                    Ok(meta) => meta.len() == file.size,
+                    Err(_) => self.compressed_blob_path(&file.digest).exists(),
+                };
+                if !intact {
+                    return Ok(Some(VerifyProblem {
+                        path: self.blob_path(&file.digest),
+                        problem: format!(
+                            "the blob of `{}` is missing or not its size, and the output folder is gone",
                             file.path
                         ),
-                    );
+                    }));
                 }
             }
             return Ok(None);
         }
         for file in &manifest.files {
-            let path = out.join(&file.path);
-            let meta = match fs::symlink_metadata(&path) {
-                Ok(meta) => meta,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return problem(path, "missing from the output folder".into());
-                }
-                Err(e) => return Err(io_err(&path)(e)),
-            };
-            if !meta.is_file() {
-                return problem(path, "is no longer a regular file".into());
-            }
-            if meta.len() != file.size {
-                return problem(
-                    path,
-                    format!(
-                        "size {} differs from the manifest's {}",
-                        meta.len(),
-                        file.size
-                    ),
-                );
-            }
-            let same_inode = fs::metadata(self.blob_path(&file.digest))
-                .is_ok_and(|blob| blob.dev() == meta.dev() && blob.ino() == meta.ino());
-            if !same_inode && hash_file(&path)? != file.digest {
-                return problem(
-                    path,
-                    format!("its bytes no longer hash to {}", file.digest.short()),
-                );
+            if let Some(problem) = self.check_output_file(&out, file)? {
+                return Ok(Some(problem));
             }
         }
         Ok(None)
+    }
+
+    /// What is wrong with one file of an output tree `out`, if anything: missing, not a regular
+    /// file, another size, or neither the blob's own inode nor hashing to its digest.
+    pub(crate) fn check_output_file(
+        &self,
+        out: &Path,
+        file: &FileEntry,
+    ) -> Result<Option<VerifyProblem>, CacheError> {
+        let path = out.join(&file.path);
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Some(VerifyProblem {
+                    path,
+                    problem: "missing from the output folder".into(),
+                }));
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let problem = if !meta.is_file() {
+            Some("is no longer a regular file".to_string())
+        } else if meta.len() != file.size {
+            Some(format!(
+                "size {} differs from the manifest's {}",
+                meta.len(),
+                file.size
+            ))
+        } else {
+            let same_inode = fs::metadata(self.blob_path(&file.digest))
+                .is_ok_and(|blob| blob.dev() == meta.dev() && blob.ino() == meta.ino());
+            (!same_inode && hash_file(&path)? != file.digest)
+                .then(|| format!("its bytes no longer hash to {}", file.digest.short()))
+        };
+        Ok(problem.map(|problem| VerifyProblem { path, problem }))
     }
 
     /// Takes a broken entry out of service: its manifest moves to `quarantine/<key>.json` with
@@ -161,6 +176,19 @@ mod tests {
         fs::remove_file(cache.blob_path(&m.files[0].digest)).unwrap();
         assert!(cache.lookup(&m.key).unwrap().is_none());
         assert!(cache.quarantined(&m.key).unwrap().contains("missing"));
+    }
+
+    #[test]
+    fn a_short_blob_is_not_linked_into_a_rebuilt_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let m = commit(&cache, 5, "whole");
+        fs::remove_dir_all(cache.output_dir(&m.key)).unwrap();
+        let blob = cache.blob_path(&m.files[0].digest);
+        fs::set_permissions(&blob, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&blob, "who").unwrap();
+        assert!(cache.lookup(&m.key).unwrap().is_none());
+        assert!(cache.quarantined(&m.key).unwrap().contains("not its size"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::manifest::parse_manifest;
-use crate::{ActionKey, ArtifactDigest, Cache, CacheError, Manifest, hash_file, io_err};
+use crate::{ActionKey, ArtifactDigest, Cache, CacheError, Manifest, io_err};
 
 /// One line of `cache ls`.
 #[derive(Debug, Clone, Serialize)]
@@ -305,7 +305,6 @@ impl Cache {
     /// What is wrong with an entry's output tree, if it is there: a file that is neither the
     /// blob's inode nor hashes to its digest, a missing file, or a file the result never had.
     fn check_tree(&self, manifest: &Manifest) -> Result<Vec<VerifyProblem>, CacheError> {
-        use std::os::unix::fs::MetadataExt;
         let out = self.output_dir(&manifest.key);
         if !out.is_dir() {
             // Rebuilt from blobs on use; the blobs were checked above.
@@ -314,26 +313,8 @@ impl Cache {
         let mut problems = Vec::new();
         let mut expected = HashSet::new();
         for file in &manifest.files {
-            let path = out.join(&file.path);
-            expected.insert(path.clone());
-            let problem = match fs::symlink_metadata(&path) {
-                Err(e) => Some(e.to_string()),
-                Ok(meta) if !meta.is_file() => Some("is not a regular file".into()),
-                Ok(meta) if meta.len() != file.size => Some(format!(
-                    "size {} differs from the manifest's {}",
-                    meta.len(),
-                    file.size
-                )),
-                Ok(meta) => {
-                    let blob = fs::metadata(self.blob_path(&file.digest));
-                    let same = blob.is_ok_and(|b| b.dev() == meta.dev() && b.ino() == meta.ino());
-                    (!same && hash_file(&path)? != file.digest)
-                        .then(|| format!("its bytes do not hash to {}", file.digest.short()))
-                }
-            };
-            if let Some(problem) = problem {
-                problems.push(VerifyProblem { path, problem });
-            }
+            expected.insert(out.join(&file.path));
+            problems.extend(self.check_output_file(&out, file)?);
         }
         for path in walk_files(&out)? {
             if !expected.contains(&path) {

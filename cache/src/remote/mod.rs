@@ -569,10 +569,7 @@ impl Remote {
             }
         }
         // A tree left by a local run killed before its commit may hold other bytes.
-        let out = cache.output_dir(&manifest.key);
-        if out.exists() {
-            fs::remove_dir_all(&out).map_err(|e| local(crate::io_err(&out)(e)))?;
-        }
+        crate::health::remove_tree(&cache.output_dir(&manifest.key)).map_err(local)?;
         cache.sync().map_err(local)?;
         cache.write_manifest(manifest).map_err(local)?;
         tracing::debug!(key = %manifest.key.short(), blobs = wanted.len(), bytes, "downloaded from the remote cache");
