@@ -158,7 +158,7 @@ impl Engine {
                     );
                 }
                 Err(e) => {
-                    return Msg::Failed(i, autoscale_errors::one_line(&e).into(), None);
+                    return Msg::Failed(i, Failure::of(&e), None);
                 }
             }
         }

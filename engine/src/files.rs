@@ -81,13 +81,9 @@ impl FileHasher {
         let mut files = Vec::new();
         let mut seen = std::collections::HashSet::from([(meta.dev(), meta.ino())]);
         collect(path, path, &mut files, &mut seen)?;
-        files.sort();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
         let mut entries = Vec::with_capacity(files.len());
-        for (rel, full) in files {
-            let meta = fs::metadata(&full).map_err(|source| CacheError::Io {
-                path: full.clone(),
-                source,
-            })?;
+        for (rel, full, meta) in files {
             let exec = meta.permissions().mode() & 0o111 != 0;
             entries.push((rel, self.file_digest(&full, &meta)?, exec));
         }
@@ -159,12 +155,12 @@ impl FileHasher {
     }
 }
 
-/// The files under `dir`, following symlinks; `seen` holds the folders above this one, so that a
+/// The files under `dir` with their metadata, following symlinks; `seen` holds the folders above this one, so that a
 /// symlink back up the tree is refused instead of walked forever.
 fn collect(
     root: &Path,
     dir: &Path,
-    out: &mut Vec<(String, PathBuf)>,
+    out: &mut Vec<(String, PathBuf, fs::Metadata)>,
     seen: &mut std::collections::HashSet<(u64, u64)>,
 ) -> Result<(), CacheError> {
     let io = |source| CacheError::Io {
@@ -202,7 +198,7 @@ fn collect(
                     ),
                 });
             };
-            out.push((rel.to_string(), path.clone()));
+            out.push((rel.to_string(), path.clone(), meta));
         }
     }
     Ok(())

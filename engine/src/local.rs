@@ -72,8 +72,7 @@ impl Engine {
     ) -> Result<(Manifest, PendingAction), Msg> {
         let stage = &pipeline.stages[i];
         let key = record.key();
-        let fail =
-            |e: &dyn std::error::Error| Msg::Failed(i, autoscale_errors::one_line(e).into(), None);
+        let fail = |e: &autoscale_cache::CacheError| Msg::Failed(i, Failure::of(e), None);
         let label = format!("{}/{}", pipeline.name, stage.id);
         let lock = match self.cache.try_lock(&key, &label).map_err(|e| fail(&e))? {
             Ok(lock) => lock,

@@ -144,9 +144,8 @@ pub fn group_record(pgid: Pid) -> autoscale_cache::ProcessGroup {
 }
 
 /// Kills the process group a dead lock holder recorded, if it still runs: only a holder on
-/// this host that is gone, and only the same group. Its leader still runs with the recorded
-/// start time, or it is gone while the group still has members (Linux does not reuse an id
-/// that is still some group's). `true` when a group was killed.
+/// this host that is gone, and only the same group: its leader still runs with the recorded
+/// start time. `true` when a group was killed.
 pub fn kill_stale_group(previous: &autoscale_cache::LockHolder) -> bool {
     let Some(group) = previous.group else {
         return false;
@@ -166,11 +165,10 @@ pub fn kill_stale_group(previous: &autoscale_cache::LockHolder) -> bool {
     if test_kill_process_group(pgid).is_err() {
         return false;
     }
-    let same_group = match start_time(group.pgid) {
-        Some(start) => start == group.leader_start,
-        None => true,
-    };
-    if !same_group {
+    // Only while its leader lives can the group be told apart from a later one that reused the
+    // id (a lock file keeps the group of a run that ended cleanly, long since reaped). A group
+    // whose leader exited before its engine died is the watcher's to kill.
+    if start_time(group.pgid) != Some(group.leader_start) {
         return false;
     }
     tracing::warn!(pgid = group.pgid, holder = previous.pid, label = %previous.label, "killing the process group a dead run left behind");
@@ -359,6 +357,22 @@ pub struct GuardedShell {
     go: io::PipeWriter,
 }
 
+/// [`spawn_group`], then the group registered with the watcher; a group that cannot be watched
+/// is killed and reaped at once, since nothing would stop it should the engine die.
+pub fn spawn_watched(command: &mut Command) -> io::Result<(Child, Pid, Watched)> {
+    let (mut child, pgid) = spawn_group(command)?;
+    match watch(pgid) {
+        Ok(watched) => Ok((child, pgid, watched)),
+        Err(e) => {
+            let _ = kill_process_group(pgid, Signal::KILL);
+            let _ = child.wait();
+            Err(io::Error::other(format!(
+                "the stage watcher is gone ({e}); refusing to start a command that could outlive the engine"
+            )))
+        }
+    }
+}
+
 /// `sh -c cmd`, held at its first line until the engine has registered its group with the
 /// watcher (see the module docs); `cmd`'s stdin is `/dev/null`, and its exit status the shell's.
 pub fn guarded_shell(cmd: &str) -> io::Result<GuardedShell> {
@@ -379,19 +393,9 @@ impl GuardedShell {
             mut command,
             mut go,
         } = self;
-        let (mut child, pgid) = spawn_group(&mut command)?;
+        let (child, pgid, watched) = spawn_watched(&mut command)?;
         // Our copy of the hold pipe's read end goes with the command.
         drop(command);
-        let watched = match watch(pgid) {
-            Ok(w) => w,
-            Err(e) => {
-                let _ = kill_process_group(pgid, Signal::KILL);
-                let _ = child.wait();
-                return Err(io::Error::other(format!(
-                    "the stage watcher is gone ({e}); refusing to start a command that could outlive the engine"
-                )));
-            }
-        };
         // A command that exits without reading is no error here: its exit status says it.
         let _ = go.write_all(b"go\n");
         Ok((child, pgid, watched))

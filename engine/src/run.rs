@@ -155,6 +155,11 @@ impl Failure {
             retryable: true,
         }
     }
+
+    /// An error's message on one line, with its hint.
+    pub(crate) fn of(e: &impl autoscale_errors::Hint) -> Self {
+        Self::new(autoscale_errors::one_line(e), e.hint())
+    }
 }
 
 impl From<String> for Failure {
@@ -297,14 +302,7 @@ impl Engine {
                 match self.expand_from_result(&mut pipeline, placeholder, source, manifest) {
                     Ok(()) => expanded = true,
                     Err(e) => {
-                        report.finish(
-                            &id,
-                            Outcome::Failed,
-                            None,
-                            0,
-                            Some(autoscale_errors::one_line(&e).into()),
-                            None,
-                        );
+                        report.finish(&id, Outcome::Failed, None, 0, Some(Failure::of(&e)), None);
                     }
                 }
                 // Indices moved; expand the others in the next pass.
@@ -351,11 +349,11 @@ impl Engine {
             if r.gpus as usize > devices.len() && !devices.is_empty() {
                 return Err(EngineError::Resources {
                     message: format!(
-                        "stage `{}` needs {} GPUs but only {} are available ({:?})",
+                        "stage `{}` needs {} GPUs but only {} are available ({})",
                         stage.id,
                         r.gpus,
                         devices.len(),
-                        devices
+                        Device::visible(devices)
                     ),
                     hint: "lower `resources.gpus`, or make more devices visible with `--gpus`"
                         .into(),

@@ -187,8 +187,7 @@ impl<'a, 'r> Scheduler<'a, 'r> {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => continue,
                 Err(e) => {
-                    let error = autoscale_errors::one_line(&e).into();
-                    self.fail(i, Outcome::Failed, error, None);
+                    self.fail(i, Outcome::Failed, Failure::of(&e), None);
                     continue;
                 }
             };

@@ -497,27 +497,24 @@ fn run_child(exe: &Path, job: &Job, ctx: &StageContext<'_>) -> Result<Value, Tra
     for (k, v) in ctx.env {
         command.env(k, v);
     }
-    // A group of its own, so stopping the stage stops everything it started.
-    let (mut child, pgid) =
-        autoscale_engine::process::spawn_group(&mut command).map_err(|e| TrainError::Child {
+    // A group of its own, so stopping the stage stops everything it started. The parent-death
+    // signal reaches the trainer only; the watcher takes its whole group (data workers
+    // included) down with the engine. Unwatched once the group is reaped.
+    let (mut child, pgid, _watched) = autoscale_engine::process::spawn_watched(&mut command)
+        .map_err(|e| TrainError::Child {
             message: format!("cannot start `{}`: {e}", exe.display()),
-            hint: Some(format!(
-                "the train kind runs the trainer binary; set ${} to it, or {}",
-                crate::TRAINER_ENV,
-                crate::BUILD_HINT
-            )),
+            // `Other` is the watcher being gone, said in the message; else the binary is at fault.
+            hint: (e.kind() != std::io::ErrorKind::Other).then(|| {
+                format!(
+                    "the train kind runs the trainer binary; set ${} to it, or {}",
+                    crate::TRAINER_ENV,
+                    crate::BUILD_HINT
+                )
+            }),
         })?;
     ctx.started_group(pgid);
-    // The parent-death signal reaches the trainer only; the watcher takes its whole group
-    // (data workers included) down with the engine. Unwatched once the group is reaped.
-    let _watched = autoscale_engine::process::watch(pgid).map_err(|e| {
-        autoscale_engine::process::stop_group(pgid, &mut child, std::time::Duration::ZERO);
-        TrainError::Child {
-            message: format!("the stage watcher is gone ({e})"),
-            hint: None,
-        }
-    })?;
     let Some(stdout) = child.stdout.take() else {
+        autoscale_engine::process::stop_group(pgid, &mut child, std::time::Duration::ZERO);
         return Err(TrainError::Child {
             message: "no pipe to the training process".into(),
             hint: None,
