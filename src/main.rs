@@ -165,14 +165,16 @@ fn dispatch_command(
             let invocation = invocation(&args.pipeline, &args.targets);
             let gpus = gpu_spec(&args.gpus)?;
             if let Some(stamp) = Stamp::check(&cache_root(cache_args), &invocation, &identity())
-                && stamp_gpus_match(&stamp, &gpus)
+                && stamp_gpus_match(&stamp, &gpus, None)
             {
                 tracing::info!("no-op: answered from the stamp of the last run");
                 render::print_stamped_status(&stamp, json);
                 return Ok(exit::OK);
             }
             let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
-            tell_gpus(&engine, &gpus, false);
+            // Keyed as `run` would key it: through Slurm, stages get the GPUs they ask for.
+            let slurm = slurm_chosen(None, &pipeline.root)?;
+            tell_gpus(&engine, &gpus, slurm.is_some());
             let pipeline = select(&engine, pipeline, &args.targets)?;
             let status = engine.status(&pipeline);
             render::print_remote_warnings(&engine.cache().take_remote_warnings());
@@ -315,13 +317,13 @@ fn select(engine: &Engine, pipeline: Pipeline, targets: &[String]) -> Result<Pip
     }
 }
 
-/// The executor `--executor`, `$AUTOSCALE_EXECUTOR` or `executor` in `autoscale.toml` (here,
-/// then the pipeline root) names; `None` runs stages here.
-fn executor(
-    args: &cli::RunArgs,
-    cache_args: &CacheArgs,
+/// The Slurm executor, when `--executor`, `$AUTOSCALE_EXECUTOR` or `executor` in
+/// `autoscale.toml` (here, then the pipeline root) names it: its settings and who named it.
+/// `None` runs stages here. Reads files only; nothing is created or started.
+fn slurm_chosen(
+    flag: Option<cli::ExecutorArg>,
     pipeline_root: &Path,
-) -> Result<Option<Arc<dyn autoscale_engine::Executor>>, Failure> {
+) -> Result<Option<(slurm::ExecutorConfig, String)>, Failure> {
     let files: Vec<PathBuf> = [
         std::env::current_dir().unwrap_or_default(),
         pipeline_root.to_path_buf(),
@@ -329,33 +331,45 @@ fn executor(
     .iter()
     .map(|dir| dir.join(autoscale_cache::remote::CONFIG_FILE))
     .collect();
-    let mut config = None;
-    let named = match args.executor {
-        Some(e) => Some(e),
+    let read = || slurm::ExecutorConfig::from_files(&files).map_err(config_failure);
+    let (named, origin, config) = match flag {
+        Some(e) => (e, "--executor slurm".to_string(), None),
         None => match std::env::var("AUTOSCALE_EXECUTOR")
             .ok()
             .filter(|v| !v.is_empty())
         {
-            Some(v) => Some(parse_executor(&v, "$AUTOSCALE_EXECUTOR")?),
+            Some(v) => (
+                parse_executor(&v, "$AUTOSCALE_EXECUTOR")?,
+                "$AUTOSCALE_EXECUTOR".to_string(),
+                None,
+            ),
             None => {
-                let read = slurm::ExecutorConfig::from_files(&files).map_err(config_failure)?;
-                let named = match &read.executor {
-                    Some((v, file)) => Some(parse_executor(v, &file.display().to_string())?),
-                    None => None,
+                let config = read()?;
+                let Some((v, file)) = &config.executor else {
+                    return Ok(None);
                 };
-                config = Some(read);
-                named
+                let origin = file.display().to_string();
+                (parse_executor(v, &origin)?, origin, Some(config))
             }
         },
     };
-    if named != Some(cli::ExecutorArg::Slurm) {
+    if named != cli::ExecutorArg::Slurm {
         return Ok(None);
     }
-    // The files are read once: here, unless the flag or the environment named the executor.
+    // The files are read once: above, unless the flag or the environment named the executor.
     let config = match config {
-        Some(read) => read,
-        None => slurm::ExecutorConfig::from_files(&files).map_err(config_failure)?,
+        Some(config) => config,
+        None => read()?,
     };
+    Ok(Some((config, origin)))
+}
+
+/// Starts the Slurm executor [`slurm_chosen`] found.
+fn slurm_executor(
+    (config, origin): (slurm::ExecutorConfig, String),
+    args: &cli::RunArgs,
+    cache_args: &CacheArgs,
+) -> Result<Arc<dyn autoscale_engine::Executor>, Failure> {
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let node = slurm::NodeCommand {
         file: absolute(&args.pipeline.file),
@@ -367,10 +381,12 @@ fn executor(
     let executor = slurm::SlurmExecutor::new(config.slurm, node).map_err(|e| {
         Failure::usage(
             e,
-            "run on a machine with the Slurm client tools, or drop --executor slurm",
+            format!(
+                "run on a machine with the Slurm client tools and a writable cache, or run here with `--executor local` (the Slurm executor was chosen by {origin})"
+            ),
         )
     })?;
-    Ok(Some(Arc::new(executor)))
+    Ok(Arc::new(executor))
 }
 
 fn parse_executor(value: &str, origin: &str) -> Result<cli::ExecutorArg, Failure> {
@@ -413,12 +429,18 @@ fn tell_gpus(engine: &Engine, gpus: &GpuSpec, elsewhere: bool) {
 }
 
 /// Whether a stamp whose keys depended on the presence of GPUs (`train` asking for them) was
-/// made with GPUs as present as they are now; a stamp whose keys did not always matches.
-fn stamp_gpus_match(stamp: &Stamp, gpus: &GpuSpec) -> bool {
-    // Resolved only when a key depended on it: `auto` may ask `nvidia-smi`.
-    stamp
-        .gpus_present
-        .is_none_or(|present| present != gpus.resolve().is_empty())
+/// made with GPUs as present as they are now: through Slurm (`flag`, else the environment or
+/// `autoscale.toml`) always, else as `--gpus` says. A stamp whose keys did not always matches.
+fn stamp_gpus_match(stamp: &Stamp, gpus: &GpuSpec, flag: Option<cli::ExecutorArg>) -> bool {
+    let Some(present) = stamp.gpus_present else {
+        return true;
+    };
+    // A stamp from before the root was recorded, or a config that does not read: the full path.
+    let Some(Ok(slurm)) = stamp.root.as_deref().map(|root| slurm_chosen(flag, root)) else {
+        return false;
+    };
+    // Resolved only when a key depended on it and Slurm is not used: `auto` may ask `nvidia-smi`.
+    present == (slurm.is_some() || !gpus.resolve().is_empty())
 }
 
 fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> Result<u8, Failure> {
@@ -428,7 +450,7 @@ fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> R
     if !args.dry_run
         && let Some(stamp) = Stamp::check(&root, &invocation, &identity())
         && stamp.gpus == args.gpus
-        && stamp_gpus_match(&stamp, &gpus)
+        && stamp_gpus_match(&stamp, &gpus, args.executor)
     {
         // Nothing moved since the last run that ended all cached or executed: answer from its
         // stamp, without parsing the pipeline or computing a key.
@@ -464,15 +486,18 @@ fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> R
         return Ok(exit::OK);
     }
     let (engine, pipeline) = open_with_pipeline(cache_args, &args.pipeline)?;
-    let executor = executor(&args, cache_args, &pipeline.root)?;
+    let slurm = slurm_chosen(args.executor, &pipeline.root)?;
     let pipeline = select(&engine, pipeline, &args.targets)?;
     if args.dry_run {
-        tell_gpus(&engine, &gpus, executor.is_some());
+        tell_gpus(&engine, &gpus, slurm.is_some());
         let status = engine.status(&pipeline).map_err(Failure::engine)?;
         render::print_status(&pipeline.name, &status, json);
         render::print_remote_warnings(&engine.cache().take_remote_warnings());
         return Ok(exit::OK);
     }
+    let executor = slurm
+        .map(|chosen| slurm_executor(chosen, &args, cache_args))
+        .transpose()?;
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
     let _ = ctrlc::set_handler(move || {
@@ -544,6 +569,7 @@ fn run(args: cli::RunArgs, cache_args: &CacheArgs, json: bool, verbose: u8) -> R
                 pipeline: pipeline.name.clone(),
                 gpus: args.gpus.clone(),
                 gpus_present: engine.gpus_asked(),
+                root: pipeline.root.clone(),
                 stages,
                 warnings,
             };

@@ -787,20 +787,22 @@ fn run_tool(tool: &str, args: &[String], timeout: Duration) -> Result<String, St
     let stdout = drain(child.stdout.take());
     let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "`{tool}` did not answer within {} s",
-                    timeout.as_secs()
-                ));
-            }
-            Err(e) => return Err(format!("`{tool}`: {e}")),
+    let waited = autoscale_engine::process::wait_or_cancel(
+        &mut child,
+        || Instant::now() >= deadline,
+        Duration::from_millis(100),
+    );
+    let status = match waited {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "`{tool}` did not answer within {} s",
+                timeout.as_secs()
+            ));
         }
+        Err(e) => return Err(format!("`{tool}`: {e}")),
     };
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();

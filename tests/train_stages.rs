@@ -401,8 +401,8 @@ fn states(out: &std::process::Output) -> Vec<(String, String)> {
 
 /// With no GPU, a training that asks for one runs on the CPU, keyed `cpu fp32`; a machine with
 /// GPUs (here `CUDA_VISIBLE_DEVICES`, as a Slurm allocation sets it) would train in bf16, so it
-/// is not served that result: `status` leaves the stamp and says it would rerun, and `explain`
-/// says why. A `command` stage's key does not depend on the device.
+/// is not served that result, nor would a Slurm job be: `status` leaves the stamp and says it
+/// would rerun, and `explain` says why. A `command` stage's key does not depend on the device.
 #[test]
 fn a_cpu_fallback_training_is_not_served_to_a_run_with_gpus() {
     if common::trainer().is_none() {
@@ -432,9 +432,17 @@ fn a_cpu_fallback_training_is_not_served_to_a_run_with_gpus() {
             .output()
             .unwrap()
     };
+    // Through Slurm (here chosen by the environment, on a head with no GPU) stages get the
+    // GPUs they ask for: `status` keys them as `run --executor slurm` would.
+    let through_slurm = ws
+        .cmd(&["--json", "status", p])
+        .env("AUTOSCALE_EXECUTOR", "slurm")
+        .output()
+        .unwrap();
     for out in [
         with_gpus(&["--json", "status", p]),
         ws.run(&["--json", "status", "--gpus", "0", p]),
+        through_slurm,
     ] {
         let s = states(&out);
         assert_eq!(

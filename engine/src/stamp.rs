@@ -130,6 +130,10 @@ pub struct Stamp {
     /// is keyed `cuda` or `cpu`): a no-op must find the same, or take the full path.
     #[serde(default)]
     pub gpus_present: Option<bool>,
+    /// The pipeline's root, whose `autoscale.toml` may send stages to Slurm (where they get
+    /// the GPUs they ask for): read again when `gpus_present` matters.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
     pub stages: Vec<StampedStage>,
     /// Warnings the run gave before its plan (resources, devices), repeated by a no-op.
     pub warnings: Vec<String>,
@@ -144,6 +148,8 @@ pub struct RunRecord {
     pub gpus: Option<String>,
     /// [`crate::Engine::gpus_asked`] after the run.
     pub gpus_present: Option<bool>,
+    /// The pipeline's root.
+    pub root: PathBuf,
     /// The stages as they finished: id, kind, key.
     pub stages: Vec<(String, String, ActionKey)>,
     /// Warnings given before the plan.
@@ -235,6 +241,7 @@ impl Before {
             pipeline,
             gpus,
             gpus_present,
+            root,
             stages,
             warnings,
         } = run;
@@ -267,6 +274,7 @@ impl Before {
             pipeline,
             gpus,
             gpus_present,
+            root: Some(root),
             stages: stamped,
             warnings,
         };
