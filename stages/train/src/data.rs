@@ -632,7 +632,23 @@ fn index_arrow_stream(
             return Err(bad(format!("truncated Arrow IPC body at byte {at}")));
         }
         match message.header_type() {
-            MessageHeader::Schema => schema_seen = true,
+            MessageHeader::Schema => {
+                // One column of unsigned ids as wide as the manifest says: a uint32 shard read
+                // as uint16 would give ids in range and wrong.
+                let field = message
+                    .header_as_schema()
+                    .and_then(|schema| schema.fields())
+                    .filter(|fields| fields.len() == 1)
+                    .map(|fields| fields.get(0));
+                let int = field.and_then(|f| f.type_as_int());
+                if int.is_none_or(|int| int.is_signed() || int.bitWidth() != 8 * width as i32) {
+                    return Err(bad(format!(
+                        "its schema is not one column of unsigned {}-bit ids, as the manifest's dtype says",
+                        8 * width
+                    )));
+                }
+                schema_seen = true;
+            }
             MessageHeader::RecordBatch if schema_seen => {
                 let batch = message
                     .header_as_record_batch()
@@ -1177,5 +1193,14 @@ mod tests {
             .unwrap();
         let err = Corpus::open(dir.path(), HeldOut::default(), None).unwrap_err();
         assert!(err.to_string().contains("truncated"), "{err}");
+
+        // Ids of another width than the manifest's dtype are refused by the schema.
+        let dir = tempfile::tempdir().unwrap();
+        write_arrow_shards(dir.path(), &ids, 1, 4096, false);
+        let manifest = dir.path().join("manifest.json");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        std::fs::write(&manifest, text.replace("uint16", "uint32")).unwrap();
+        let err = Corpus::open(dir.path(), HeldOut::default(), None).unwrap_err();
+        assert!(err.to_string().contains("unsigned 32-bit ids"), "{err}");
     }
 }

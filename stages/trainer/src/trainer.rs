@@ -63,7 +63,6 @@ struct Run<'a> {
     /// Replicas 1.., copies of replica 0 before the first step and after every step.
     others: Vec<Model>,
     /// Replica r's device.
-    replica_devices: Vec<Device>,
     seq_len: u64,
 }
 
@@ -136,11 +135,12 @@ impl Run<'_> {
             }
             check_ids(&windows, &self.model.config, "training data")?;
             let config = &self.model.config;
-            let n = self.replica_devices.len();
+            let n = 1 + self.others.len();
             let (base, extra) = (windows.len() / n, windows.len() % n);
             let mut micro = Vec::with_capacity(n);
             let mut first = 0usize;
-            for (r, &device) in self.replica_devices.iter().enumerate() {
+            for r in 0..n {
+                let device = self.replica(r).device;
                 let rows = &windows[first..first + base + usize::from(r < extra)];
                 let offset = start + first as u64;
                 first += rows.len();
@@ -304,7 +304,6 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
         splits,
         model,
         others,
-        replica_devices,
         seq_len,
     };
     let curve_sets = eval_sets(&run.corpus, &eval_domains, seq_len, spec.eval.curve_tokens)?;
@@ -339,7 +338,7 @@ pub fn train(spec: &TrainSpec, hooks: &JobHooks<'_>) -> Result<Value, TrainError
         config.preset,
         config.parameter_count(),
         if n_replicas > 1 {
-            format!(", {n_replicas} data-parallel replicas on {:?}", run.replica_devices)
+            format!(", {n_replicas} data-parallel replicas on {replica_devices:?}")
         } else {
             String::new()
         },
