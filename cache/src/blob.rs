@@ -45,6 +45,16 @@ impl Cache {
         self.blob_path(digest).exists() || self.compressed_blob_path(digest).exists()
     }
 
+    /// Whether the store holds the blob at `size` bytes, when the size is known: a short blob
+    /// (an interrupted write, a damaged store) does not count. A compressed blob's size is
+    /// known only by decoding it, so its presence counts.
+    pub(crate) fn has_blob_of_size(&self, digest: &ArtifactDigest, size: Option<u64>) -> bool {
+        match fs::metadata(self.blob_path(digest)) {
+            Ok(meta) => size.is_none_or(|size| meta.len() == size),
+            Err(_) => self.compressed_blob_path(digest).exists(),
+        }
+    }
+
     /// Moves a finished file into the store (a rename, no copy) and returns its digest. If the
     /// blob exists already the file is dropped: identical bytes are stored once.
     pub(crate) fn adopt_file(&self, path: &Path) -> Result<ArtifactDigest, CacheError> {

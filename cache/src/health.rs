@@ -25,12 +25,7 @@ impl Cache {
             // all there at their size: a short blob left from an interrupted download or a
             // damaged store would otherwise be linked in and served.
             for file in &manifest.files {
-                let raw = fs::metadata(self.blob_path(&file.digest));
-                let intact = match raw {
-                    Ok(meta) => meta.len() == file.size,
-                    Err(_) => self.compressed_blob_path(&file.digest).exists(),
-                };
-                if !intact {
+                if !self.has_blob_of_size(&file.digest, Some(file.size)) {
                     return Ok(Some(VerifyProblem {
                         path: self.blob_path(&file.digest),
                         problem: format!(
@@ -60,13 +55,16 @@ impl Cache {
         let path = out.join(&file.path);
         let meta = match fs::symlink_metadata(&path) {
             Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Some(VerifyProblem {
-                    path,
-                    problem: "missing from the output folder".into(),
-                }));
+            // A file where a folder of the path belongs says `NotADirectory`.
+            Err(e) => {
+                let problem = match e.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory => {
+                        "missing from the output folder".to_string()
+                    }
+                    _ => format!("cannot be read: {e}"),
+                };
+                return Ok(Some(VerifyProblem { path, problem }));
             }
-            Err(e) => return Err(io_err(&path)(e)),
         };
         let problem = if !meta.is_file() {
             Some("is no longer a regular file".to_string())

@@ -547,7 +547,8 @@ impl Remote {
         if let Some(log) = manifest.log {
             wanted.entry(log).or_insert((None, false));
         }
-        wanted.retain(|digest, _| !cache.has_blob(digest));
+        // A local blob of another size than the entry says (damaged) is downloaded again.
+        wanted.retain(|digest, (size, _)| !cache.has_blob_of_size(digest, *size));
         let staging = cache.tmp_file("download");
         crate::create_dir(&staging).map_err(local)?;
         let _cleanup = RemoveOnDrop(staging.clone());
@@ -564,7 +565,7 @@ impl Remote {
             let from = staging.join(digest.to_hex());
             let to = cache.blob_path(digest);
             crate::create_dir(to.parent().unwrap_or(&staging)).map_err(local)?;
-            if !cache.has_blob(digest) {
+            if !cache.has_blob_of_size(digest, wanted[digest].0) {
                 fs::rename(&from, &to).map_err(|e| local(crate::io_err(&to)(e)))?;
             }
         }
@@ -927,11 +928,21 @@ fn parse_entry(
     }
     let mut total: u64 = 0;
     let mut paths = HashSet::new();
+    let mut sizes: HashMap<ArtifactDigest, u64> = HashMap::new();
     for f in &manifest.files {
         if f.size > limits.max_blob_bytes {
             return Err(refused(format!(
                 "file `{}` claims {} bytes, more than the limit of {}",
                 f.path, f.size, limits.max_blob_bytes
+            )));
+        }
+        // One digest, one content, one size.
+        if *sizes.entry(f.digest).or_insert(f.size) != f.size {
+            return Err(refused(format!(
+                "file `{}` claims {} bytes for blob {}, which another of its files gives another size",
+                f.path,
+                f.size,
+                f.digest.short()
             )));
         }
         total = total.saturating_add(f.size);

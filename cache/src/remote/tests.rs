@@ -256,6 +256,24 @@ fn untrusted_entries_are_refused() {
     assert!(error_text(&b.take_remote_warnings()[0]).contains("1024-byte limit"));
 }
 
+#[test]
+fn a_short_local_blob_is_downloaded_again() {
+    let t = team(RemoteMode::ReadWrite);
+    let m = commit(&t.a, 1, &[("f.txt", b"the whole content")], b"");
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let b = Cache::open(fresh_dir.path())
+        .unwrap()
+        .with_remote(remote_at(&t.remote_dir, RemoteMode::ReadOnly));
+    // A blob cut short (say, by a crash of a copy into the store) is already there.
+    let blob = b.blob_path(&m.files[0].digest);
+    fs::create_dir_all(blob.parent().unwrap()).unwrap();
+    fs::write(&blob, b"the whole").unwrap();
+    let got = b.lookup(&m.key).unwrap().expect("downloaded");
+    let dir = b.materialize(&got).unwrap();
+    assert_eq!(fs::read(dir.join("f.txt")).unwrap(), b"the whole content");
+    assert!(b.verify().unwrap().problems.is_empty());
+}
+
 fn error_text(w: &RemoteWarning) -> String {
     w.message.clone()
 }
